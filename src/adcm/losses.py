@@ -1,0 +1,133 @@
+"""Per-sample losses: pseudo-Huber distance, the consistency loss (ECT/iCT/ADCM) and EDM's teacher loss.
+
+All functions return a ``(B,)`` tensor of per-sample losses; the caller takes the batch mean
+(docs/algorithm.md §3 step 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from adcm.processes import broadcast_time
+
+__all__ = ["consistency_loss", "edm_loss", "ict_huber_c", "pseudo_huber"]
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
+    """Pseudo-Huber distance d_c(a, b) = sqrt(‖a − b‖² + c²) − c per sample (iCT §3.3; ADCM Eq. 11).
+
+    The norm runs over all non-batch dims (all pixels of one sample). ``c = 0`` gives the plain L2
+    norm ‖a − b‖ (whose gradient at a = b is taken as 0). For ``c > 0`` it is evaluated as
+    s / (sqrt(s + c²) + c) with s = ‖a − b‖², algebraically equal and free of cancellation when
+    ‖a − b‖ ≪ c.
+
+    Args:
+        a, b: tensors of the same shape (B, ...).
+        c: the constant c ≥ 0.
+
+    Returns:
+        (B,) distances.
+    """
+    if c < 0:
+        raise ValueError(f"pseudo-Huber c must be >= 0, got {c}")
+    diff = (a - b).flatten(1)
+    if c == 0:
+        return torch.linalg.vector_norm(diff, dim=1)
+    s = diff.pow(2).sum(1)
+    return s / (torch.sqrt(s + c * c) + c)
+
+
+def consistency_loss(
+    student: Tensor,
+    target: Tensor,
+    x0: Tensor,
+    weight: Tensor | None,
+    c: float,
+    floor: float = 1e-8,
+) -> Tensor:
+    """Per-sample consistency-training loss (algorithm.md §3 step 3).
+
+    * ``weight`` given (ECT, iCT): ``weight · d_c(student, target)`` with the fixed weight
+      1/(t − r) from the discretization.
+    * ``weight is None`` (ADCM, paper Eq. 11): ``d_c(student, target) / max(d_c(target, x0),
+      floor)``; the denominator — the adaptive weight 1/L_global measuring how far the target still
+      is from the data — is *detached*, so no gradient flows through it (**decision**: per-sample
+      denominator, floored at ``floor`` for c = 0 where it can vanish, e.g. at r ≤ ε).
+
+    ``target`` is the stop-gradient target f_θ⁻(x_r, r) (or x_r at the boundary r ≤ ε): it is
+    detached here too, so gradients reach only ``student``, never ``target``, ``x0`` or ``weight``.
+
+    Args:
+        student: f_θ(x_t, t), (B, ...), carries gradients.
+        target: f_θ⁻(x_r, r), (B, ...).
+        x0: the clean data, (B, ...).
+        weight: (B,) fixed weights, or ``None`` for ADCM's adaptive weight.
+        c: pseudo-Huber constant (ADCM CIFAR-10: 0.03; ECT CIFAR-10: 0; iCT: :func:`ict_huber_c`).
+        floor: lower bound of the ADCM denominator.
+
+    Returns:
+        (B,) per-sample losses.
+    """
+    if floor <= 0:
+        raise ValueError(f"floor must be positive, got {floor}")
+    target = target.detach()
+    dist = pseudo_huber(student, target, c)
+    if weight is None:
+        with torch.no_grad():
+            denom = pseudo_huber(target, x0.detach(), c).clamp(min=floor)
+        return dist / denom
+    return weight.detach().to(dtype=dist.dtype, device=dist.device) * dist
+
+
+def edm_loss(
+    denoiser: Callable[..., Tensor],
+    x0: Tensor,
+    labels: Tensor | None,
+    p_mean: float,
+    p_std: float,
+    sigma_data: float,
+    generator: torch.Generator,
+    augment_labels: Tensor | None = None,
+) -> Tensor:
+    """EDM's denoising loss per sample, for training the diffusion teacher (Karras et al. 2022, Eq. 2,
+    Table 1 "EDM" column).
+
+    σ = exp(P_mean + P_std·n), n ~ N(0, 1) per sample; y = x0 + σ·z, z ~ N(0, I);
+    λ(σ) = (σ² + σ_d²)/(σ·σ_d)²; loss = mean over pixels of λ(σ)·(D(y, σ, labels) − x0)².
+    n and z are drawn from ``generator`` (on its device, then moved to ``x0``'s device).
+
+    Args:
+        denoiser: ``denoiser(x, sigma, labels)`` (``augment_labels=`` added as a keyword when given),
+            sigma of shape (B,).
+        x0: (B, ...) clean data.
+        labels: class labels (or ``None``), passed through.
+        p_mean, p_std: log-normal noise distribution (−1.2, 1.2 in EDM).
+        sigma_data: σ_d (0.5).
+        generator: source of the noise.
+        augment_labels: optional augmentation labels, passed through.
+
+    Returns:
+        (B,) per-sample losses.
+    """
+    dev = generator.device
+    n = torch.randn(x0.shape[0], generator=generator, device=dev, dtype=x0.dtype).to(x0.device)
+    z = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype).to(x0.device)
+    sigma = torch.exp(p_mean + p_std * n)
+    y = x0 + broadcast_time(sigma, x0) * z
+    if augment_labels is None:
+        out = denoiser(y, sigma, labels)
+    else:
+        out = denoiser(y, sigma, labels, augment_labels=augment_labels)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    return weight * (out - x0).flatten(1).pow(2).mean(1)
+
+
+def ict_huber_c(data_dim: int) -> float:
+    """iCT's pseudo-Huber constant c = 0.00054·sqrt(d), d = data dimension (Song & Dhariwal 2023, §3.3)."""
+    if data_dim <= 0:
+        raise ValueError(f"data_dim must be positive, got {data_dim}")
+    return 0.00054 * math.sqrt(data_dim)

@@ -1,0 +1,104 @@
+"""Samplers as pure functions of a network callable and explicit noise (k-diffusion style).
+
+Sample i depends only on seed i: all noise comes from :class:`PerSampleNoise`, one generator per
+sample, so results do not change with the batch size.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["PerSampleNoise", "consistency_sample", "heun_sample", "karras_sigmas"]
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+class PerSampleNoise:
+    """One ``torch.Generator`` per sample, seeded with that sample's seed.
+
+    Every draw returns a batch whose row i comes from generator i only, in call order: the first
+    ``randn`` gives the initial latents, a second one the fresh noise of a 2-step sampler.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """(len(seeds), *shape) standard normal draws."""
+        rows = [torch.randn(*shape, generator=g, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+    def randint(self, high: int) -> Tensor:
+        """(len(seeds),) integers in [0, high), e.g. class labels or dataset indices."""
+        rows = [torch.randint(high, (1,), generator=g) for g in self.generators]
+        return torch.cat(rows).to(self.device)
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """EDM's time steps σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, i = 0…N−1 (float64).
+
+    Karras et al. 2022, Eq. 5; the same grid is iCT's discretisation (algorithm.md §3.2).
+    """
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be ≥ 2, got {num_steps}")
+    i = torch.arange(num_steps, dtype=torch.float64)
+    inv = 1.0 / rho
+    return (sigma_max**inv + i / (num_steps - 1) * (sigma_min**inv - sigma_max**inv)) ** rho
+
+
+@torch.no_grad()
+def heun_sample(denoiser: Denoiser, latents: Tensor, sigmas: Tensor) -> Tensor:
+    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1, S_churn = 0).
+
+    Args:
+        denoiser: D(x, σ) with σ of shape (B,).
+        latents: (B, C, H, W) unit Gaussian noise.
+        sigmas: decreasing noise levels (float64); a final σ = 0 is appended. N levels cost
+            2N − 1 network evaluations (18 → 35 NFE).
+    Returns:
+        Samples (B, C, H, W) in the data scale, float32.
+    """
+    steps = torch.cat([sigmas.to(torch.float64), sigmas.new_zeros(1, dtype=torch.float64)])
+    x = latents.to(torch.float64) * steps[0]
+    batch = x.shape[0]
+
+    def slope(x_: Tensor, s: Tensor) -> Tensor:
+        d = denoiser(x_.to(torch.float32), s.to(torch.float32).expand(batch)).to(torch.float64)
+        return (x_ - d) / s
+
+    for cur, nxt in itertools.pairwise(steps):
+        d_cur = slope(x, cur)
+        x_next = x + (nxt - cur) * d_cur
+        if nxt > 0:
+            x_next = x + (nxt - cur) * 0.5 * (d_cur + slope(x_next, nxt))
+        x = x_next
+    return x.to(torch.float32)
+
+
+@torch.no_grad()
+def consistency_sample(
+    fn: Denoiser, latents: Tensor, t_max: float, t_mids: Sequence[float], noise: Sequence[Tensor]
+) -> Tensor:
+    """Multistep consistency sampling (algorithm.md §2) for the VE process.
+
+    x = f(T·z, T); then for each t_mid: x ← f(x + t_mid·z', t_mid) with fresh noise z'.
+
+    Args:
+        fn: consistency function f(x, t), t of shape (B,).
+        latents: (B, C, H, W) unit Gaussian noise.
+        t_max: the largest time T.
+        t_mids: intermediate times (empty → one step).
+        noise: one fresh unit-Gaussian tensor per intermediate time.
+    """
+    if len(noise) != len(t_mids):
+        raise ValueError("need one noise tensor per intermediate time")
+    batch = latents.shape[0]
+    x = fn(latents * t_max, latents.new_full((batch,), t_max))
+    for t_mid, z in zip(t_mids, noise, strict=True):
+        x = fn(x + t_mid * z, latents.new_full((batch,), t_mid))
+    return x
