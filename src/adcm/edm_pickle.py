@@ -20,7 +20,11 @@ each mapped to a harmless stand-in written here:
   ``torch.load(..., weights_only=True)``.
 
 Any other global (``os.system``, ``builtins.eval``, ...) raises :class:`UnsafePickleError` before
-anything is imported or called. The recorded module tree is then flattened into a state dict
+anything is imported or called. Pickle protocols 0-5 are read; the Python 2 names that protocols 0-2
+use (``__builtin__``, ``copy_reg``) are mapped as :mod:`pickle` itself does, and their spelling of
+``bytes`` (``_codecs.encode(text, 'latin1')``) is accepted for latin-1 only.
+
+The recorded module tree is then flattened into a state dict
 with the names of EDM's ``EDMPrecond.state_dict()`` (``model.enc.32x32_conv.weight``, ...), and
 the ``SongUNet`` constructor settings are recovered from the ``_init_args`` / ``_init_kwargs``
 that the persistence decorator stores on every object.
@@ -28,6 +32,7 @@ that the persistence decorator stores on every object.
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import io
 import math
@@ -99,6 +104,11 @@ _SONGUNET_SIGNATURE: tuple[tuple[str, Any], ...] = (
     ("resample_filter", [1, 1]),
 )
 _SUPPORTED_VARIANT = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard"}
+# EDMPrecond's own arguments, in order; everything else it passes to the backbone (**model_kwargs).
+_PRECOND_SIGNATURE = (
+    "img_resolution", "img_channels", "label_dim", "use_fp16",
+    "sigma_min", "sigma_max", "sigma_data", "model_type",
+)
 # EDMPrecond's defaults for the noise-level attributes.
 _PRECOND_DEFAULTS = {"sigma_min": 0.0, "sigma_max": math.inf, "sigma_data": 0.5}
 
@@ -269,13 +279,16 @@ def _rebuild_tensor(
         )
     if storage_offset < 0 or any(v < 0 for v in (*size, *stride)):
         raise EDMFormatError(f"negative tensor geometry: offset={storage_offset} size={size} stride={stride}")
-    if all(s > 0 for s in size):
-        extent = storage_offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True)) + 1
-        if extent > storage.size():
-            raise EDMFormatError(
-                f"tensor of size {tuple(size)} reaches past its storage ({storage.size()} elements)"
-            )
-    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride)).detach()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+        available = storage.size()
+        if all(s > 0 for s in size):
+            extent = storage_offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True)) + 1
+            if extent > available:
+                raise EDMFormatError(
+                    f"tensor of size {tuple(size)} reaches past its storage ({available} elements)"
+                )
+        return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride)).detach()
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> torch.Tensor:
@@ -311,6 +324,22 @@ def _load_from_bytes(data: Any) -> torch.storage.TypedStorage:
     return result
 
 
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """Replacement for ``_codecs.encode``: how protocols 0-2 spell a ``bytes`` object (latin-1 only)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(
+            f"refusing _codecs.encode of {type(text).__name__} with encoding {encoding!r}"
+        )
+    return text.encode("latin-1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """Replacement for ``builtins.bytes``: protocols 0-2 write ``b""`` as ``bytes()``."""
+    if args:
+        raise UnsafePickleError(f"refusing bytes() with {len(args)} argument(s)")
+    return b""
+
+
 def _restricted_new(cls: Any, *args: Any) -> Any:
     """Replacement for ``copyreg.__newobj__``: only our inert stand-in classes may be created."""
     if not (isinstance(cls, type) and cls in _STUB_CLASSES) or args:
@@ -319,9 +348,15 @@ def _restricted_new(cls: Any, *args: Any) -> Any:
 
 
 def _restricted_reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    """Replacement for ``copyreg._reconstructor`` (protocol 0/1 objects), limited like ``__newobj__``."""
+    """Replacement for ``copyreg._reconstructor`` (protocol 0/1 objects), limited like ``__newobj__``.
+
+    Containers come as ``(cls, object, None)``; an ``EasyDict`` (a dict subclass) as
+    ``(EasyDict, dict, {items})``.
+    """
+    if cls is _EasyDict and base is dict and isinstance(state, dict):
+        return _EasyDict(state)
     if base is not object or state is not None:
-        raise UnsafePickleError(f"refusing copyreg._reconstructor with base {base!r}")
+        raise UnsafePickleError(f"refusing copyreg._reconstructor of {cls!r} with base {base!r}")
     return _restricted_new(cls)
 
 
@@ -352,6 +387,10 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     ("builtins", "set"): lambda: set,
     ("builtins", "frozenset"): lambda: frozenset,
     ("builtins", "object"): lambda: object,
+    ("builtins", "dict"): lambda: dict,
+    # Protocols 0-2 write bytes as _codecs.encode(text, 'latin1') (empty ones as bytes()).
+    ("_codecs", "encode"): lambda: _SafeCallable(_codecs_encode),
+    ("builtins", "bytes"): lambda: _SafeCallable(_empty_bytes),
     # Protocol 0/1 object reconstruction, restricted to the stand-ins above.
     ("copyreg", "_reconstructor"): lambda: _SafeCallable(_restricted_reconstructor),
     ("copyreg", "__newobj__"): lambda: _SafeCallable(_restricted_new),
@@ -372,6 +411,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler resolving only :data:`_ALLOWED_GLOBALS`; everything else is refused unimported."""
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocols 0-2 spell globals with Python 2 names (``__builtin__``, ``copy_reg``);
+        # pickle maps them back only in its own find_class, so do the same renaming here.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         factory = _ALLOWED_GLOBALS.get((module, name))
         if factory is None:
             raise UnsafePickleError(
@@ -441,22 +486,64 @@ def _flatten(record: _ModuleRecord, prefix: str, out: dict[str, torch.Tensor]) -
         _flatten(child, f"{prefix}{name}.", out)
 
 
-def _network_kwargs(model: _PersistentObject, precond: _PersistentObject) -> dict[str, Any]:
-    """SongUNet constructor settings from the recorded ``_init_args`` / ``_init_kwargs``."""
-    args = model.state.get("_init_args", ())
-    kwargs = model.state.get("_init_kwargs", {})
+def _bind(record: _PersistentObject, signature: tuple[str, ...], open_kwargs: bool) -> dict[str, Any] | None:
+    """The recorded ``_init_args`` / ``_init_kwargs`` of ``record`` by argument name (None: not recorded)."""
+    args = record.state.get("_init_args")
+    kwargs = record.state.get("_init_kwargs")
+    if args is None and kwargs is None:  # EDM's decorator can be told not to record them
+        return None
+    args = () if args is None else args
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(args, tuple | list) or not isinstance(kwargs, dict):
-        raise EDMFormatError("SongUNet has no recorded _init_args / _init_kwargs")
-    names = [name for name, _ in _SONGUNET_SIGNATURE]
-    if len(args) > len(names):
-        raise EDMFormatError(f"SongUNet recorded {len(args)} positional arguments; it takes {len(names)}")
-    recorded: dict[str, Any] = dict(zip(names, args, strict=False))
+        raise EDMFormatError(f"{record.class_name}'s recorded _init_args / _init_kwargs are malformed")
+    if len(args) > len(signature):
+        raise EDMFormatError(
+            f"{record.class_name} recorded {len(args)} positional arguments; it takes {len(signature)}"
+        )
+    bound: dict[str, Any] = dict(zip(signature, args, strict=False))
     for name, value in kwargs.items():
-        if name not in names:
-            raise EDMFormatError(f"SongUNet recorded an unknown argument {name!r}")
-        if name in recorded:
-            raise EDMFormatError(f"SongUNet argument {name!r} recorded both positionally and by keyword")
-        recorded[name] = value
+        if not isinstance(name, str) or (name not in signature and not open_kwargs):
+            raise EDMFormatError(f"{record.class_name} recorded an unknown argument {name!r}")
+        if name in bound:
+            raise EDMFormatError(
+                f"{record.class_name} argument {name!r} recorded both positionally and by keyword"
+            )
+        bound[name] = value
+    return bound
+
+
+def _check_model_type(model: _PersistentObject, precond: _PersistentObject) -> None:
+    """The wrapper's recorded ``model_type`` (if any) must name the backbone it holds."""
+    bound = _bind(precond, _PRECOND_SIGNATURE, open_kwargs=True)
+    model_type = None if bound is None else bound.get("model_type")
+    if model_type is not None and model_type != model.class_name:
+        raise EDMFormatError(
+            f"EDMPrecond records model_type={model_type!r} but holds a {model.class_name} backbone"
+        )
+
+
+def _network_kwargs(model: _PersistentObject, precond: _PersistentObject) -> dict[str, Any]:
+    """SongUNet constructor settings.
+
+    Taken from the backbone's recorded ``_init_args`` / ``_init_kwargs``; if it recorded none,
+    from the wrapper's: its extra keyword arguments (``**model_kwargs``) plus ``img_resolution``,
+    ``img_channels`` (→ ``in_channels`` = ``out_channels``) and ``label_dim``, which is how
+    ``EDMPrecond`` constructs the backbone.
+    """
+    names = tuple(name for name, _ in _SONGUNET_SIGNATURE)
+    recorded = _bind(model, names, open_kwargs=False)
+    if recorded is None:
+        outer = _bind(precond, _PRECOND_SIGNATURE, open_kwargs=True)
+        if outer is None:
+            raise EDMFormatError("neither SongUNet nor EDMPrecond recorded their constructor arguments")
+        recorded = {k: v for k, v in outer.items() if k not in _PRECOND_SIGNATURE}
+        for name in recorded:
+            if name not in names:
+                raise EDMFormatError(f"EDMPrecond passes an unknown SongUNet argument {name!r}")
+        for source, target in (("img_resolution", "img_resolution"), ("img_channels", "in_channels"),
+                               ("img_channels", "out_channels"), ("label_dim", "label_dim")):
+            if source in outer:
+                recorded[target] = outer[source]
     # The wrapper passes these down; fall back to its attributes if the model did not record them.
     fallback = {
         "img_resolution": precond.state.get("img_resolution"),
@@ -512,6 +599,7 @@ def _unpickle(path: Path) -> Any:
         EOFError,
         ValueError,
         TypeError,
+        RuntimeError,
         AttributeError,
         IndexError,
         KeyError,
@@ -579,6 +667,7 @@ def load_edm_pickle(path: Path | str | os.PathLike[str], key: str = "ema") -> ED
             f"{path}: the backbone is {model.class_name}; only SongUNet (DDPM++) is supported"
         )
     try:
+        _check_model_type(model, precond)
         network_kwargs = _network_kwargs(model, precond)
         state_dict: dict[str, torch.Tensor] = {}
         _flatten(precond, "", state_dict)
