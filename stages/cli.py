@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import prepare, teacher
+from stages import prepare, sample, schedule, score, teacher, train
 
 app = typer.Typer(
     name="adcm",
@@ -17,6 +17,10 @@ app = typer.Typer(
 )
 prepare.register(app)
 teacher.register(app)
+train.register(app)
+schedule.register(app)
+sample.register(app)
+score.register(app)
 
 
 def main() -> None:

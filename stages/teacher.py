@@ -49,9 +49,7 @@ def teacher(
 ) -> None:
     """Produce the diffusion teacher: train one (EDM loss, Adam, EMA) or convert EDM's pickle.
 
-    Every source writes the same teacher file; the command ends by drawing a sample grid with EDM's
-    deterministic Heun sampler (teacher.sampler; 18 steps = 35 NFE).
-    """
+    Every source writes the same teacher file; the command ends by drawing a sample grid with EDM's deterministic Heun sampler (teacher.sampler; 18 steps = 35 NFE). """
     p: Params = read_params(params)
     cfg = p.teacher
     device = resolve_device(cfg.device)

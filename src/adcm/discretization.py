@@ -34,6 +34,7 @@ from ``state_dict`` is bit-exact. Partition points are float64; sampled ``t``/``
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -474,7 +475,9 @@ def consistency_velocity(fn: ConsistencyFn, x_t: Tensor, t: Tensor, dx_dt: Tenso
     Returns:
         (f, v), both shaped like ``x_t``.
     """
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own first-use registration of JVP decompositions calls the deprecated torch.jit.script
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
         f, v = torch.func.jvp(fn, (x_t, t), (dx_dt, torch.ones_like(t)))
     return f, v
 

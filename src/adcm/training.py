@@ -25,6 +25,7 @@ __all__ = [
     "TrainingProgress",
     "ema_beta",
     "resolve_device",
+    "seed_chunk",
     "step_generator",
     "update_ema",
 ]
@@ -49,6 +50,15 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for step ``step`` of a run with ``seed``; also re-seeds the global RNG (dropout)."""
     torch.manual_seed(_mix(seed, step, stream, 1))
     return torch.Generator().manual_seed(_mix(seed, step, stream, 0))
+
+
+def seed_chunk(seed: int, step: int, chunk: int) -> None:
+    """Seed the global RNG (dropout) for chunk ``chunk`` of step ``step``'s global batch.
+
+    Dropout masks then depend only on (seed, step, chunk), not on which process runs the chunk,
+    so N processes reproduce a single process with the same global batch and chunk size.
+    """
+    torch.manual_seed(_mix(seed, step, chunk, 2))
 
 
 class ImageSampler:
@@ -120,6 +130,10 @@ class TrainingProgress:
 
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(*exc)
+
+    def restart_clock(self) -> None:
+        """Exclude the time since the last update (e.g. a partition rebuild) from the next images/s."""
+        self._last = (time.perf_counter(), self._last[1])
 
     def update(self, kimg: float, **fields: float | str) -> float:
         """Advance to ``kimg``; returns images/s since the previous call."""

@@ -1,0 +1,164 @@
+"""Consistency training: every method runs, resumption is bit-exact, foreign checkpoints are refused,
+non-finite losses stop the run, the stages write their outputs, and 2 gloo processes match 1."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import synthetic_dataset, tiny_params, write_params
+from typer.testing import CliRunner
+
+from adcm.checkpoint import CheckpointError, TeacherFile, load_teacher, save_teacher
+from adcm.config import parse_params
+from adcm.consistency import TrainingError, train_consistency
+from adcm.teacher import network_kwargs_for
+from stages.cli import app
+
+CPU = torch.device("cpu")
+TRAIN_TINY = {
+    "train.device": "cpu",
+    "train.duration_kimg": 0.064,  # 4 iterations of 16
+    "train.batch_size": 16,
+    "train.batch_per_step": 8,
+    "train.lr": 1e-3,
+    "train.ema_halflife_kimg": 0.02,
+    "train.grid_every_kimg": 0.032,
+    "train.checkpoint_every_kimg": 0.016,
+    "train.log_every_kimg": 0.016,
+    "train.adcm.rebuild_every_iters": 2,
+    "train.adcm.partition_batch_size": 4,
+    "train.ect.stage_iters": 2,
+    "lambda": 0.5,
+}
+
+
+def _params(**overrides):
+    return parse_params(tiny_params({**TRAIN_TINY, **overrides}))
+
+
+def _teacher() -> TeacherFile:
+    params = _params()
+    kwargs = network_kwargs_for(params.teacher.network, 8, 1, 3)
+    from adcm.precond import denoiser
+
+    torch.manual_seed(0)
+    net = denoiser(kwargs, 0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return TeacherFile(kwargs, 0.5, net.state_dict(), {"source": "test"})
+
+
+def _run(tmp_path: Path, name: str, method: str = "adcm", stop: int | None = None, **overrides):
+    params = _params(method=method, **overrides)
+    return train_consistency(_teacher(), params.train, synthetic_dataset(), method=method, lam=params.lam,
+                             seed=1, teacher_id="t", data_id="d", checkpoint_path=tmp_path / name, device=CPU,
+                             show_progress=False, stop_after_iters=stop)
+
+
+@pytest.mark.parametrize("method", ["adcm", "ect", "ict"])
+def test_resumed_run_ends_with_identical_weights(tmp_path: Path, method: str) -> None:
+    whole = _run(tmp_path, "a.pt", method)
+    first = _run(tmp_path, "b.pt", method, stop=3)  # interrupted after 3 of 4 iterations
+    assert first.steps == 3
+    resumed = _run(tmp_path, "b.pt", method)
+    assert resumed.steps == whole.steps == 4 and resumed.resumed_from_kimg == pytest.approx(0.048)
+    for name, value in whole.ema_state.items():
+        assert torch.equal(value, resumed.ema_state[name]), name
+    assert whole.partitions == resumed.partitions
+    if method == "adcm":
+        # built before step 0 and rebuilt at iteration 2, each strictly decreasing from T to exactly ε
+        assert [it for it, _ in whole.partitions] == [0, 2]
+        for _, pts in whole.partitions:
+            assert pts[0] == 80.0 and pts[-1] == 0.002
+            assert all(a > b for a, b in itertools.pairwise(pts))
+    teacher = _teacher().state_dict
+    assert any(not torch.equal(v, teacher[k]) for k, v in whole.ema_state.items())
+
+
+def test_foreign_checkpoint_is_refused(tmp_path: Path) -> None:
+    _run(tmp_path, "a.pt", stop=1)
+    with pytest.raises(CheckpointError, match="different configuration"):
+        _run(tmp_path, "a.pt", **{"lambda": 0.25})
+    with pytest.raises(CheckpointError, match="different configuration"):
+        _run(tmp_path, "a.pt", method="ect")
+
+
+def test_nonfinite_losses_stop_the_run(tmp_path: Path) -> None:
+    teacher = _teacher()
+    bad = TeacherFile(teacher.network_kwargs, 0.5, {k: torch.full_like(v, float("nan")) if "dec" in k else v
+                                                    for k, v in teacher.state_dict.items()}, {})
+    params = _params(method="ect", **{"train.max_nonfinite_in_row": 3, "train.duration_kimg": 0.16})
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        train_consistency(bad, params.train, synthetic_dataset(), method="ect", lam=0.5, seed=1, teacher_id="t",
+                          data_id="d", checkpoint_path=tmp_path / "x.pt", device=CPU, show_progress=False)
+
+
+def _stage_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    from adcm.data import write_prepared
+
+    data = tmp_path / "dataset.npz"
+    write_prepared(synthetic_dataset(), data, tmp_path / "dataset.json")
+    teacher = tmp_path / "teacher.pt"
+    save_teacher(teacher, _teacher())
+    params = write_params(tmp_path / "params.yaml", tiny_params(TRAIN_TINY))
+    return data, teacher, params
+
+
+def _train_args(tmp_path: Path, data: Path, teacher: Path, params: Path, out: str = "student.pt") -> list[str]:
+    return ["train", "--params", str(params), "--data", str(data), "--teacher", str(teacher),
+            "--out", str(tmp_path / out), "--metrics", str(tmp_path / "train.json"),
+            "--grid-dir", str(tmp_path / "grids"), "--checkpoint-dir", str(tmp_path / f"ckpt-{out}"),
+            "--log-dir", str(tmp_path / "live"), "--no-progress"]
+
+
+def test_train_and_schedule_stages_write_their_outputs(tmp_path: Path) -> None:
+    data, teacher, params = _stage_files(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, _train_args(tmp_path, data, teacher, params), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    student = load_teacher(tmp_path / "student.pt")
+    assert student.meta["kind"] == "consistency" and len(student.meta["partitions"]) == 2
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["steps"] == 4 and metrics["partitions_built"] == 2
+    assert (tmp_path / "grids" / "grid.png").exists() and (tmp_path / "grids" / "grid-000002.png").exists()
+    result = runner.invoke(app, ["schedule", "--params", str(params), "--student", str(tmp_path / "student.pt"),
+                                 "--out-dir", str(tmp_path / "sched"), "--metrics", str(tmp_path / "sched.json")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    sched = json.loads((tmp_path / "sched" / "schedule.json").read_text())
+    assert len(sched["partitions"]) == 2 and sched["ect"]["iteration"] == 2
+    rows = (tmp_path / "sched" / "schedule.csv").read_text().splitlines()
+    assert rows[0] == "rebuild,iteration,index,t,dt"
+    assert len(rows) - 1 == sum(len(p["t"]) - 1 for p in sched["partitions"])
+    summary = json.loads((tmp_path / "sched.json").read_text())
+    assert summary["points"] == len(sched["partitions"][-1]["t"]) and summary["min_dt"] <= summary["max_dt"]
+    assert (tmp_path / "sched" / "schedule.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    data, teacher, params = _stage_files(tmp_path)
+    write_params(params, tiny_params({**TRAIN_TINY, "train.batch_per_step": 8}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "adcm", *_train_args(tmp_path, data, teacher, params, "one.pt")],
+                            capture_output=True, text=True, env=env, check=False)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "adcm",
+                             *_train_args(tmp_path, data, teacher, params, "two.pt")],
+                            capture_output=True, text=True, env=env, check=False)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = load_teacher(tmp_path / "one.pt"), load_teacher(tmp_path / "two.pt")
+    assert one.meta["partitions"] == two.meta["partitions"]
+    for name, value in one.state_dict.items():
+        torch.testing.assert_close(two.state_dict[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert json.loads((tmp_path / "train.json").read_text())["processes"] == 2

