@@ -65,6 +65,7 @@ __all__ = [
     "DistInfo",
     "TrainingError",
     "checkpoint_matches",
+    "consistency_batch_loss",
     "huber_c_for",
     "init_distributed",
     "make_discretization",
@@ -189,6 +190,42 @@ def _same_rng(device: torch.device) -> Iterator[Callable[[], None]]:
             torch.cuda.set_rng_state(cuda, device)
 
     yield replay
+
+
+def consistency_batch_loss(
+    net: nn.Module,
+    student: nn.Module,
+    process: VEProcess,
+    x0: Tensor,
+    z: Tensor,
+    t: Tensor,
+    r: Tensor,
+    weight: Tensor | None,
+    labels: Tensor | None,
+    *,
+    c: float,
+    bf16: bool = False,
+) -> Tensor:
+    """Mean consistency loss of one mini-batch (algorithm.md §3 steps 1–3), ready for ``backward``.
+
+    x_t and x_r share the noise z; the target f_θ⁻(x_r, r) runs under no_grad with the current
+    weights (``net``), replaced by x_r where r ≤ ε; the student f_θ(x_t, t) runs through ``student``
+    (``net`` or its DDP wrapper) with the same dropout masks (the RNG is replayed). ``weight`` None
+    means ADCM's adaptive 1/d_c(target, x0) (paper Eq. 11). bf16 autocast (CUDA) covers the two
+    forwards only; the loss is computed in fp32.
+    """
+    device = x0.device
+    x_t = process.x_t(x0, z, t)
+    x_r = process.x_t(x0, z, r)
+    at_data = (r <= torch.tensor(process.eps, dtype=r.dtype, device=r.device)).view(-1, *([1] * (x0.ndim - 1)))
+    with _same_rng(device) as replay:
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            target = net(x_r, r, labels).float()
+        target = torch.where(at_data, x_r, target)
+        replay()
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            out = student(x_t, t, labels).float()
+    return consistency_loss(out, target, x0, weight, c).mean()
 
 
 def _lr_at(cfg: TrainConfig, iteration: int) -> float:
@@ -353,19 +390,10 @@ def train_consistency(
                 labels = None if labels_all is None else labels_all[sl]
                 t, r = pairs_all.t[sl].to(device), pairs_all.r[sl].to(device)
                 weight = None if pairs_all.weight is None else pairs_all.weight[sl].to(device)
-                x_t = process.x_t(x0, z, t)
-                x_r = process.x_t(x0, z, r)
-                at_data = (pairs_all.r[sl] <= torch.tensor(cfg.eps, dtype=pairs_all.r.dtype)).to(device)
                 sync = contextlib.nullcontext() if m == n_micro - 1 or info.world_size == 1 else ddp.no_sync()
                 seed_chunk(seed, step, chunk)
-                with _same_rng(device) as replay, sync:
-                    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                        target = net(x_r, r, labels).float()
-                    target = torch.where(at_data.view(-1, *([1] * (x_r.ndim - 1))), x_r, target)
-                    replay()
-                    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                        student = ddp(x_t, t, labels).float()
-                    loss = consistency_loss(student, target, x0, weight, c).mean()
+                with sync:
+                    loss = consistency_batch_loss(net, ddp, process, x0, z, t, r, weight, labels, c=c, bf16=bf16)
                     (loss * micro / local_batch).backward()
                 loss_sum += loss.item() * micro / local_batch
                 dts.append(float((t - r).mean()))
