@@ -162,3 +162,34 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     for name, value in one.state_dict.items():
         torch.testing.assert_close(two.state_dict[name], value, rtol=1e-4, atol=1e-6, msg=name)
     assert json.loads((tmp_path / "train.json").read_text())["processes"] == 2
+
+
+def test_fast_path_switches_match_the_plain_fp32_step() -> None:
+    """channels_last + foreach RAdam (the CPU-testable part of the GPU path) give the same step as plain fp32.
+
+    Dropout is off: its masks are drawn in memory order, so channels_last draws other (equally valid) masks."""
+    from adcm.consistency import FastPath, consistency_batch_loss, set_dropout
+    from adcm.processes import VEProcess
+
+    cfg = _params().train
+    results = []
+    for fast in (FastPath(), FastPath.for_device(cfg, CPU, force_cpu=True)):
+        net = _teacher().consistency_function(cfg.eps)
+        set_dropout(net, 0.0)
+        net.train()
+        fast.apply(net)
+        opt = fast.optimizer(net, cfg)
+        gen = torch.Generator().manual_seed(0)
+        x0 = torch.rand(8, 1, 8, 8, generator=gen) * 2 - 1
+        z = torch.randn(8, 1, 8, 8, generator=gen)
+        t = torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0])
+        torch.manual_seed(3)
+        loss = consistency_batch_loss(net, net, VEProcess(eps=cfg.eps, t_max=cfg.t_max), x0, z, t, t * 0.9, None,
+                                      None, c=0.03)
+        loss.backward()
+        opt.step()
+        results.append((loss.detach(), {k: v.detach().clone() for k, v in net.state_dict().items()}))
+    assert FastPath.for_device(cfg, CPU, force_cpu=True).channels_last
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
+    for name, value in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], value, rtol=1e-4, atol=1e-6, msg=name)

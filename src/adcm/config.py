@@ -191,6 +191,10 @@ class TrainConfig:
     dropout: float = param("dropout probability of the student (shared masks with the target)", ge=0, lt=1)
     bf16: bool = param("bf16 autocast for the student/target forward on CUDA (JVPs and loss stay fp32); "
                        "ignored on CPU")
+    channels_last: bool = param("channels_last memory format on CUDA (ignored on CPU)")
+    tf32: bool = param("TF32 matmuls and convolutions on CUDA (ignored on CPU)")
+    fused_optimizer: bool = param("fused Adam / foreach RAdam kernels on CUDA (ignored on CPU)")
+    compile: bool = param("torch.compile the student forward on CUDA (never around a JVP; ignored on CPU)")
     grid_every_kimg: float = param("log a 1-step sample grid every this many thousand images", gt=0)
     checkpoint_every_kimg: float = param("write a resumable checkpoint every this many thousand images", gt=0)
     log_every_kimg: float = param("log metrics every this many thousand images", gt=0)

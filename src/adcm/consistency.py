@@ -63,6 +63,7 @@ from adcm.training import (
 __all__ = [
     "ConsistencyRun",
     "DistInfo",
+    "FastPath",
     "TrainingError",
     "checkpoint_matches",
     "consistency_batch_loss",
@@ -192,6 +193,50 @@ def _same_rng(device: torch.device) -> Iterator[Callable[[], None]]:
     yield replay
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """The GPU path's switches (issue: performance), each a ``train`` params key, active on CUDA only.
+
+    bf16 autocast of the two forwards (JVPs and the loss stay fp32), channels_last memory format,
+    TF32 matmuls/convolutions, fused (Adam) or foreach (RAdam) optimizer kernels, and an optional
+    ``torch.compile`` of the student forward. On the CPU everything is off (fp32, default kernels)
+    unless ``force_cpu`` asks for the numerically-neutral ones (channels_last, foreach), as the
+    equivalence test does.
+    """
+
+    bf16: bool = False
+    channels_last: bool = False
+    tf32: bool = False
+    fused_optimizer: bool = False
+    compile: bool = False
+
+    @classmethod
+    def for_device(cls, cfg: TrainConfig, device: torch.device, force_cpu: bool = False) -> FastPath:
+        """The switches that apply on ``device``."""
+        if device.type == "cuda":
+            return cls(cfg.bf16, cfg.channels_last, cfg.tf32, cfg.fused_optimizer, cfg.compile)
+        if force_cpu:
+            return cls(False, cfg.channels_last, False, cfg.fused_optimizer, False)
+        return cls()
+
+    def apply(self, net: nn.Module) -> None:
+        """Set the process-wide TF32 flags and the network's memory format."""
+        if self.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+
+    def optimizer(self, net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        """RAdam or Adam (β₁ 0.9, β₂ ``cfg.beta2``); fused Adam / foreach RAdam on the fast path."""
+        params = [p for p in net.parameters() if p.requires_grad]
+        extra: dict[str, Any] = {}
+        if self.fused_optimizer:
+            extra = {"fused": True} if cfg.optimizer == "adam" else {"foreach": True}
+        opt_cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
+        return opt_cls(params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, **extra)
+
+
 def consistency_batch_loss(
     net: nn.Module,
     student: nn.Module,
@@ -295,9 +340,10 @@ def train_consistency(
     for name, p in net.named_parameters():  # EDM's augmentation input is fed zeros: no gradient, no DDP hang
         if name.startswith("model.map_augment"):
             p.requires_grad_(False)
+    fast = FastPath.for_device(cfg, device)
+    fast.apply(net)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt_cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
-    opt = opt_cls(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+    opt = fast.optimizer(net, cfg)
     disc = make_discretization(method, lam, cfg, total_iters, seed)
     c = huber_c_for(method, cfg, int(np.prod(data.images.shape[1:])))
 
@@ -321,13 +367,14 @@ def train_consistency(
     ddp: nn.Module = net
     if info.world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    student = torch.compile(ddp) if fast.compile else ddp  # the student forward only: never around a JVP
 
     def checkpoint() -> None:
         if info.is_main:
             save_state(checkpoint_path, {
                 "fingerprint": fp, "net": net.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "discretization": disc.state_dict(), "step": step,
-                "skipped": skipped, "seconds": elapsed, "loss": last_loss, "rebuild_s": rebuild_s,
+                "skipped": skipped, "seconds": elapsed, "loss": float(last_loss_t), "rebuild_s": rebuild_s,
                 "method": method, "lambda": lam, "network_kwargs": kwargs,
             })
 
@@ -336,10 +383,10 @@ def train_consistency(
     logger = MetricsLogger(log_dir if info.is_main else None, resume=resumed and step > 0)
     per = {name: max(1, round(getattr(cfg, f"{name}_every_kimg") * 1000 / cfg.batch_size))
            for name in ("log", "checkpoint", "grid")}
-    bf16 = cfg.bf16 and device.type == "cuda"
     grid_seeds = list(range(64))
-    losses: list[float] = []
-    dts: list[float] = []
+    losses: list[Tensor] = []
+    dt_acc, dt_count = torch.zeros((), dtype=torch.float64, device=device), 0
+    last_loss_t = torch.tensor(last_loss)
     bad_in_row = 0
     start = time.perf_counter() - elapsed
     end_iter = total_iters if stop_after_iters is None else min(total_iters, step + stop_after_iters)
@@ -381,7 +428,7 @@ def train_consistency(
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
+            loss_acc = torch.zeros((), device=device)
             n_micro = local_batch // micro
             for m in range(n_micro):
                 chunk = info.rank * n_micro + m
@@ -393,24 +440,27 @@ def train_consistency(
                 sync = contextlib.nullcontext() if m == n_micro - 1 or info.world_size == 1 else ddp.no_sync()
                 seed_chunk(seed, step, chunk)
                 with sync:
-                    loss = consistency_batch_loss(net, ddp, process, x0, z, t, r, weight, labels, c=c, bf16=bf16)
+                    loss = consistency_batch_loss(net, student, process, x0, z, t, r, weight, labels, c=c,
+                                                  bf16=fast.bf16)
                     (loss * micro / local_batch).backward()
-                loss_sum += loss.item() * micro / local_batch
-                dts.append(float((t - r).mean()))
+                loss_acc += loss.detach() * (micro / local_batch)
+                dt_acc += (t - r).double().sum()
+                dt_count += micro
             if info.world_size > 1:
-                total = torch.tensor([loss_sum], device=device)
-                dist.all_reduce(total)
-                loss_sum = float(total) / info.world_size
+                dist.all_reduce(loss_acc)
+                loss_acc /= info.world_size
             step += 1
-            grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
-            if math.isfinite(loss_sum) and grads_ok:
+            # The one host synchronisation of a step: a non-finite loss or gradient must not move θ.
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            finite = torch.isfinite(loss_acc) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            if bool(finite):
                 opt.step()
                 beta = cfg.ema_beta if cfg.ema_beta is not None else ema_beta(
                     cfg.batch_size, step * cfg.batch_size, cfg.ema_halflife_kimg or 0.0, None)
                 update_ema(ema, net, beta)
                 bad_in_row = 0
-                losses.append(loss_sum)
-                last_loss = loss_sum
+                losses.append(loss_acc)
+                last_loss_t = loss_acc
             else:
                 skipped += 1
                 bad_in_row += 1
@@ -421,13 +471,15 @@ def train_consistency(
             kimg = step * cfg.batch_size / 1000
             last = step == end_iter
             if step % per["log"] == 0 or last:
-                mean_loss = float(np.mean(losses)) if losses else float("nan")
+                mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+                mean_dt = float(dt_acc) / max(dt_count, 1)
                 size = float(disc.points.numel()) if isinstance(disc, ADCMDiscretization) else float("nan")
                 rate = progress.update(kimg, loss=mean_loss, **({"|T|": int(size)} if size == size else {}))
-                logger.log(step, {"loss": mean_loss, "mean_dt": float(np.mean(dts)), "img_per_s": rate,
+                logger.log(step, {"loss": mean_loss, "mean_dt": mean_dt, "img_per_s": rate,
                                   "kimg": kimg, "lr": lr, "skipped_steps": skipped,
                                   **({"partition_points": size} if size == size else {})})
-                losses, dts = [], []
+                losses, dt_count = [], 0
+                dt_acc = torch.zeros((), dtype=torch.float64, device=device)
             if info.is_main and grid_dir is not None and (step % per["grid"] == 0 or step == total_iters):
                 images = one_step_grid(ema, grid_seeds, kwargs, cfg.t_max, device)
                 image = save_grid(grid_dir / f"grid-{step:06d}.png", images, 8)
@@ -439,7 +491,7 @@ def train_consistency(
     return ConsistencyRun(
         ema_state={k: v.detach().cpu() for k, v in ema.state_dict().items()}, network_kwargs=kwargs,
         partitions=partitions, kimg=step * cfg.batch_size / 1000, steps=step, train_seconds=elapsed,
-        final_loss=last_loss, skipped_steps=skipped, resumed_from_kimg=resumed_kimg, rebuild_seconds=rebuild_s)
+        final_loss=float(last_loss_t), skipped_steps=skipped, resumed_from_kimg=resumed_kimg, rebuild_seconds=rebuild_s)
 
 
 @torch.no_grad()
