@@ -16,6 +16,7 @@ from adcm.data import load_prepared
 from adcm.generate import generate
 from adcm.images import save_grid
 from adcm.io import atomic_path
+from adcm.processes import coordinates, make_process
 from adcm.training import resolve_device
 from stages.common import PARAMS_OPTION, params_epilog, read_params, user_errors
 
@@ -39,7 +40,9 @@ def sample(
     grid: Path = typer.Option(..., help="PNG grid of the first sample.grid_rows² images."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Draw sample.num_images images; image i depends only on seed sample.first_seed + i."""
+    """Draw sample.num_images images; image i depends only on seed sample.first_seed + i.
+
+    1step/2step sample the consistency model in its own process (the student file records it; 2step's intermediate point is sample.t_mid.<method>, a VE σ converted to that process's time); teacher runs EDM's Heun sampler on the teacher (teacher.sampler's σ range and ρ, sample.teacher_steps levels) in VE coordinates. """
     p = read_params(params)
     cfg = p.sample
     device = resolve_device(cfg.device)
@@ -48,8 +51,17 @@ def sample(
     if is_student != (sampler is not Sampler.teacher):
         want = "a teacher file" if sampler is Sampler.teacher else "a consistency model (models/student.pt)"
         raise CheckpointError(f"{model}: sampler {sampler.value} needs {want}")
-    eps = float(file.meta.get("eps", p.train.eps))
-    net = file.consistency_function(eps) if is_student else file.denoiser()
+    if is_student:
+        meta = file.meta
+        net = file.consistency_function(float(meta["eps"]))
+        process = make_process(file.process, float(meta.get("range_eps", meta["eps"])), float(meta["t_max"]),
+                               file.sigma_data)
+        method = str(meta.get("method", "adcm"))
+        t_mid = float(process.time_from_noise_to_signal(torch.tensor(getattr(cfg.t_mid, method),
+                                                                     dtype=torch.float64)))
+    else:
+        net = file.denoiser()
+        process, t_mid = coordinates(file.process, file.sigma_data), 0.0
     kwargs = file.network_kwargs
     probs = None
     if kwargs["label_dim"]:
@@ -64,8 +76,9 @@ def sample(
                   console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task("sample", total=len(seeds))
         images = generate(net, sampler.value, seeds, shape=shape, batch_size=cfg.batch_size, device=device,
-                          label_probs=probs, t_max=float(file.meta.get("t_max", p.train.t_max)), t_mid=cfg.t_mid,
-                          teacher_steps=cfg.teacher_steps, sigma_min=p.train.eps,
+                          label_probs=probs, process=process, t_mid=t_mid, teacher_steps=cfg.teacher_steps,
+                          sigma_min=p.teacher.sampler.sigma_min, sigma_max=p.teacher.sampler.sigma_max,
+                          rho=p.teacher.sampler.rho,
                           progress=lambda done: bar.update(task, completed=done))
     with atomic_path(out) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, images=images, seeds=np.asarray(seeds, dtype=np.int64))
@@ -75,4 +88,4 @@ def sample(
 
 def register(app: typer.Typer) -> None:
     """Add the command to the ``adcm`` app."""
-    app.command("sample", epilog=params_epilog("sample"))(sample)
+    app.command("sample", epilog=params_epilog("sample", "teacher.sampler"))(sample)

@@ -1,4 +1,4 @@
-"""`adcm teacher`: train an EDM diffusion teacher here, or import EDM's released pickle safely."""
+"""`adcm teacher`: train a diffusion teacher here (VE/EDM, FM or TrigFlow), or import EDM's released pickle safely."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def teacher(
         "or restart from scratch (what `dvc exp run -S …` needs)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Produce the diffusion teacher: train one (EDM loss, Adam, EMA) or convert EDM's pickle.
+    """Produce the diffusion teacher: train one in `process` (EDM loss for ve, velocity loss for fm, TrigFlow diffusion loss for trigflow; Adam, EMA) or convert EDM's pickle (a ve teacher).
 
-    Every source writes the same teacher file; the command ends by drawing a sample grid with EDM's deterministic Heun sampler (teacher.sampler; 18 steps = 35 NFE). """
+    Every source writes the same teacher file; the command ends by drawing a sample grid with EDM's deterministic Heun sampler (teacher.sampler; 18 steps = 35 NFE), run in VE coordinates for every process. """
     p: Params = read_params(params)
     cfg = p.teacher
     device = resolve_device(cfg.device)
@@ -63,14 +63,14 @@ def teacher(
         ckpt = checkpoint_dir / "state.pt"
         restart = fresh
         if on_config_change is OnConfigChange.restart and ckpt.exists() and not fresh:
-            restart = not checkpoint_matches(ckpt, cfg, seed=p.seed, data=dataset, data_id=data_id)
+            restart = not checkpoint_matches(ckpt, cfg, seed=p.seed, data=dataset, data_id=data_id, process=p.process)
             if restart:
                 typer.echo(f"{ckpt}: written under other params; starting over (--on-config-change restart)",
                            err=True)
         run = train_teacher(cfg, dataset, seed=p.seed, data_id=data_id, checkpoint_path=ckpt, device=device,
-                            fresh=restart, log_dir=log_dir, show_progress=progress)
+                            fresh=restart, log_dir=log_dir, show_progress=progress, process=p.process)
         result = run.teacher
-        summary.update(kimg=run.kimg, steps=run.steps, train_seconds=round(run.train_seconds, 1),
+        summary.update(process=p.process, kimg=run.kimg, steps=run.steps, train_seconds=round(run.train_seconds, 1),
                        final_loss=run.final_loss, skipped_steps=run.skipped_steps,
                        resumed_from_kimg=run.resumed_from_kimg, dataset=dataset.name)
     else:
@@ -91,7 +91,7 @@ def teacher(
                   "precond_class": edm.precond_class, "sigma_min": edm.sigma_min,
                   "sigma_max": edm.sigma_max},
         )
-        summary.update(pickle_sha256=result.meta["pickle_sha256"])
+        summary.update(process="ve", pickle_sha256=result.meta["pickle_sha256"])
     save_teacher(out, result)
 
     net = result.denoiser()
@@ -111,4 +111,4 @@ def teacher(
 
 def register(app: typer.Typer) -> None:
     """Add the command to the ``adcm`` app."""
-    app.command("teacher", epilog=params_epilog("seed", "teacher"))(teacher)
+    app.command("teacher", epilog=params_epilog("process", "seed", "teacher"))(teacher)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from adcm.checkpoint import CheckpointError, TeacherFile, load_teacher, save_teacher
 from adcm.config import parse_params
-from adcm.consistency import TrainingError, train_consistency
+from adcm.consistency import TrainingError, student_process, train_consistency
 from adcm.teacher import network_kwargs_for
 from stages.cli import app
 
@@ -36,6 +36,8 @@ TRAIN_TINY = {
     "train.adcm.rebuild_every_iters": 2,
     "train.adcm.partition_batch_size": 4,
     "train.ect.stage_iters": 2,
+    "train.sct.warmup_iters": 2,
+    "train.sct.weight_channels": 8,
     "lambda": 0.5,
 }
 
@@ -44,43 +46,51 @@ def _params(**overrides):
     return parse_params(tiny_params({**TRAIN_TINY, **overrides}))
 
 
-def _teacher() -> TeacherFile:
+def _teacher(process: str = "ve") -> TeacherFile:
     params = _params()
     kwargs = network_kwargs_for(params.teacher.network, 8, 1, 3)
     from adcm.precond import denoiser
 
     torch.manual_seed(0)
-    net = denoiser(kwargs, 0.5)
+    net = denoiser(kwargs, 0.5, process)  # type: ignore[arg-type]
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return TeacherFile(kwargs, 0.5, net.state_dict(), {"source": "test"})
+    return TeacherFile(kwargs, 0.5, net.state_dict(), {"source": "test"}, process=process)  # type: ignore[arg-type]
 
 
-def _run(tmp_path: Path, name: str, method: str = "adcm", stop: int | None = None, **overrides):
-    params = _params(method=method, **overrides)
-    return train_consistency(_teacher(), params.train, synthetic_dataset(), method=method, lam=params.lam,
-                             seed=1, teacher_id="t", data_id="d", checkpoint_path=tmp_path / name, device=CPU,
+def _run(tmp_path: Path, name: str, method: str = "adcm", stop: int | None = None, process: str = "ve",
+         **overrides):
+    params = _params(method=method, process=process, **overrides)
+    teacher = _teacher(process)
+    return train_consistency(teacher, params.train, synthetic_dataset(), method=method, lam=params.lam, seed=1,
+                             process=student_process(params.method, params.process, params.processes, 0.5),
+                             teacher_id="t", data_id="d", checkpoint_path=tmp_path / name, device=CPU,
                              show_progress=False, stop_after_iters=stop)
 
 
-@pytest.mark.parametrize("method", ["adcm", "ect", "ict"])
-def test_resumed_run_ends_with_identical_weights(tmp_path: Path, method: str) -> None:
-    whole = _run(tmp_path, "a.pt", method)
-    first = _run(tmp_path, "b.pt", method, stop=3)  # interrupted after 3 of 4 iterations
+@pytest.mark.parametrize(("method", "process"), [("adcm", "ve"), ("ect", "ve"), ("ict", "ve"), ("sct", "ve"),
+                                                 ("adcm", "fm"), ("ect", "trigflow"), ("sct", "trigflow"),
+                                                 ("sct", "fm")])
+def test_resumed_run_ends_with_identical_weights(tmp_path: Path, method: str, process: str) -> None:
+    whole = _run(tmp_path, "a.pt", method, process=process)
+    first = _run(tmp_path, "b.pt", method, stop=3, process=process)  # interrupted after 3 of 4 iterations
     assert first.steps == 3
-    resumed = _run(tmp_path, "b.pt", method)
+    resumed = _run(tmp_path, "b.pt", method, process=process)
     assert resumed.steps == whole.steps == 4 and resumed.resumed_from_kimg == pytest.approx(0.048)
     for name, value in whole.ema_state.items():
         assert torch.equal(value, resumed.ema_state[name]), name
     assert whole.partitions == resumed.partitions
     if method == "adcm":
         # built before step 0 and rebuilt at iteration 2, each strictly decreasing from T to exactly ε
+        rng = _params().processes.range_of(process)
         assert [it for it, _ in whole.partitions] == [0, 2]
         for _, pts in whole.partitions:
-            assert pts[0] == 80.0 and pts[-1] == 0.002
+            assert pts[0] == rng.t_max and pts[-1] == rng.eps
             assert all(a > b for a, b in itertools.pairwise(pts))
-    teacher = _teacher().state_dict
+    assert whole.process == ("trigflow" if method == "sct" else process) and whole.source == process
+    assert whole.eps == (0.0 if method == "sct" else _params().processes.range_of(process).eps)
+    teacher = _teacher(process).state_dict
     assert any(not torch.equal(v, teacher[k]) for k, v in whole.ema_state.items())
 
 
@@ -90,6 +100,8 @@ def test_foreign_checkpoint_is_refused(tmp_path: Path) -> None:
         _run(tmp_path, "a.pt", **{"lambda": 0.25})
     with pytest.raises(CheckpointError, match="different configuration"):
         _run(tmp_path, "a.pt", method="ect")
+    with pytest.raises(CheckpointError, match="different configuration"):
+        _run(tmp_path, "a.pt", process="trigflow")
 
 
 def test_nonfinite_losses_stop_the_run(tmp_path: Path) -> None:
@@ -99,7 +111,8 @@ def test_nonfinite_losses_stop_the_run(tmp_path: Path) -> None:
     params = _params(method="ect", **{"train.max_nonfinite_in_row": 3, "train.duration_kimg": 0.16})
     with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
         train_consistency(bad, params.train, synthetic_dataset(), method="ect", lam=0.5, seed=1, teacher_id="t",
-                          data_id="d", checkpoint_path=tmp_path / "x.pt", device=CPU, show_progress=False)
+                          process=student_process("ect", "ve", params.processes, 0.5), data_id="d",
+                          checkpoint_path=tmp_path / "x.pt", device=CPU, show_progress=False)
 
 
 def _stage_files(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -137,7 +150,7 @@ def test_train_and_schedule_stages_write_their_outputs(tmp_path: Path) -> None:
     sched = json.loads((tmp_path / "sched" / "schedule.json").read_text())
     assert len(sched["partitions"]) == 2 and sched["ect"]["iteration"] == 2
     rows = (tmp_path / "sched" / "schedule.csv").read_text().splitlines()
-    assert rows[0] == "rebuild,iteration,index,t,dt"
+    assert rows[0] == "rebuild,iteration,index,t,dt,rho,drho"
     assert len(rows) - 1 == sum(len(p["t"]) - 1 for p in sched["partitions"])
     summary = json.loads((tmp_path / "sched.json").read_text())
     assert summary["points"] == len(sched["partitions"][-1]["t"]) and summary["min_dt"] <= summary["max_dt"]
@@ -174,7 +187,7 @@ def test_fast_path_switches_match_the_plain_fp32_step() -> None:
     cfg = _params().train
     results = []
     for fast in (FastPath(), FastPath.for_device(cfg, CPU, force_cpu=True)):
-        net = _teacher().consistency_function(cfg.eps)
+        net = _teacher().consistency_function(0.002)
         set_dropout(net, 0.0)
         net.train()
         fast.apply(net)
@@ -184,7 +197,7 @@ def test_fast_path_switches_match_the_plain_fp32_step() -> None:
         z = torch.randn(8, 1, 8, 8, generator=gen)
         t = torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0])
         torch.manual_seed(3)
-        loss = consistency_batch_loss(net, net, VEProcess(eps=cfg.eps, t_max=cfg.t_max), x0, z, t, t * 0.9, None,
+        loss = consistency_batch_loss(net, net, VEProcess(eps=0.002, t_max=80.0), x0, z, t, t * 0.9, None,
                                       None, c=0.03)
         loss.backward()
         opt.step()

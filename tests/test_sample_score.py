@@ -16,6 +16,7 @@ from adcm.data import write_prepared
 from adcm.fid import fid_helper_weights_path
 from adcm.generate import generate
 from adcm.precond import consistency_function, denoiser
+from adcm.processes import FMProcess, TrigFlowProcess, VEProcess
 from adcm.teacher import network_kwargs_for
 from stages.cli import app
 
@@ -29,23 +30,30 @@ def _kwargs(label_dim: int) -> dict:
     return dict(network_kwargs_for(net_cfg, 8, 1, 0), label_dim=label_dim)
 
 
-def _net(kind: str, label_dim: int = 0):
+def _net(kind: str, label_dim: int = 0, process: str = "ve"):
     torch.manual_seed(0)
     kw = _kwargs(label_dim)
-    net = consistency_function(kw, 0.5, 0.002) if kind == "student" else denoiser(kw, 0.5)
+    eps = {"ve": 0.002, "fm": 0.001, "trigflow": 0.004}[process]
+    net = consistency_function(kw, 0.5, eps, process) if kind == "student" else denoiser(kw, 0.5, process)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return net
 
 
+def _common(process: str = "ve", **extra) -> dict:
+    proc = {"ve": VEProcess(), "fm": FMProcess(), "trigflow": TrigFlowProcess()}[process]
+    t_mid = float(proc.time_from_noise_to_signal(torch.tensor(0.42, dtype=torch.float64)))
+    return dict(shape=(1, 8, 8), device=CPU, process=proc, t_mid=t_mid, teacher_steps=4, sigma_min=0.002,
+                sigma_max=80.0, **extra)
+
+
 @pytest.mark.parametrize("sampler", ["1step", "2step", "teacher"])
-@pytest.mark.parametrize("label_dim", [0, 3])
-def test_image_i_depends_only_on_seed_i(sampler: str, label_dim: int) -> None:
-    net = _net("teacher" if sampler == "teacher" else "student", label_dim)
+@pytest.mark.parametrize(("label_dim", "process"), [(0, "ve"), (3, "ve"), (0, "fm"), (3, "trigflow")])
+def test_image_i_depends_only_on_seed_i(sampler: str, label_dim: int, process: str) -> None:
+    net = _net("teacher" if sampler == "teacher" else "student", label_dim, process)
     probs = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64) if label_dim else None
-    common = dict(shape=(1, 8, 8), device=CPU, label_probs=probs, t_max=80.0, t_mid=0.42, teacher_steps=4,
-                  sigma_min=0.002)
+    common = _common(process, label_probs=probs)
     seeds = list(range(10, 17))
     a = generate(net, sampler, seeds, batch_size=7, **common)
     b = generate(net, sampler, seeds, batch_size=3, **common)
@@ -59,8 +67,7 @@ def test_image_i_depends_only_on_seed_i(sampler: str, label_dim: int) -> None:
 
 def test_two_step_differs_from_one_step() -> None:
     net = _net("student")
-    common = dict(shape=(1, 8, 8), batch_size=4, device=CPU, label_probs=None, t_max=80.0, t_mid=0.42,
-                  teacher_steps=4, sigma_min=0.002)
+    common = _common(batch_size=4, label_probs=None)
     assert not np.array_equal(generate(net, "1step", range(4), **common), generate(net, "2step", range(4), **common))
 
 

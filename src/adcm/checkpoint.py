@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from adcm.io import atomic_path
-from adcm.precond import VEPrecond, consistency_function, denoiser
+from adcm.precond import Precond, make_precond
+from adcm.processes import ProcessName
 
 __all__ = [
     "TEACHER_FORMAT",
@@ -38,31 +39,50 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TeacherFile:
-    """A diffusion teacher: DDPM++ constructor settings and EMA weights under EDM's names.
+    """A model file: DDPM++ constructor settings and (EMA) weights under EDM's names.
+
+    The teacher (a diffusion model) and the consistency model written by ``adcm train`` share this
+    format; ``meta['kind'] == 'consistency'`` marks the latter.
 
     Attributes:
         network_kwargs: keyword arguments of :class:`adcm.networks.SongUNet`.
-        sigma_data: σ_d of the EDM preconditioning.
-        state_dict: EMA weights, names as in EDM's ``EDMPrecond.state_dict()`` (``model.…``).
+        sigma_data: σ_d of the preconditioning.
+        state_dict: weights, names as in EDM's ``EDMPrecond.state_dict()`` (``model.…``).
         meta: provenance (source, kimg, dataset, ...), JSON-like values only.
+        process: the forward process the model's wrapper works in (``ve``, ``fm``, ``trigflow``).
+        source: the parameterisation the backbone was trained in (a TrigFlow model converted from an
+            EDM teacher has ``process='trigflow'``, ``source='ve'``); default ``process``.
     """
 
     network_kwargs: dict[str, Any]
     sigma_data: float
     state_dict: dict[str, Tensor]
     meta: dict[str, Any]
+    process: ProcessName = "ve"
+    source: ProcessName | None = None
 
-    def denoiser(self) -> VEPrecond:
-        """The EDM denoiser D(x, σ) (ε = 0) with these weights, in eval mode on the CPU."""
-        net = denoiser(self.network_kwargs, self.sigma_data)
-        net.load_state_dict(self.state_dict, strict=True)
-        return net.eval().requires_grad_(False)
+    @property
+    def backbone_process(self) -> ProcessName:
+        """The parameterisation of the backbone's weights (``source``, or ``process`` when unset)."""
+        return self.source or self.process
 
-    def consistency_function(self, eps: float) -> VEPrecond:
-        """The consistency function f(x, t) (ε-shifted, algorithm.md §2) initialised from the teacher."""
-        net = consistency_function(self.network_kwargs, self.sigma_data, eps)
+    def wrapper(self, eps: float, process: ProcessName | None = None) -> Precond:
+        """These weights in the wrapper of ``process`` (default: the file's own) with boundary ε."""
+        net = make_precond(self.network_kwargs, self.sigma_data, process=process or self.process,
+                           source=self.backbone_process, eps=eps)
         net.load_state_dict(self.state_dict, strict=True)
         return net
+
+    def denoiser(self) -> Precond:
+        """The diffusion model's x0-prediction (EDM's D(x, σ) for VE; ε = 0), in eval mode on the CPU."""
+        return self.wrapper(0.0).eval().requires_grad_(False)
+
+    def consistency_function(self, eps: float, process: ProcessName | None = None) -> Precond:
+        """The consistency function f(x, t) (ε-shifted, algorithm.md §2) initialised from these weights.
+
+        ``process`` other than the file's own is allowed for ``trigflow`` only (exact conversion).
+        """
+        return self.wrapper(eps, process)
 
 
 def save_teacher(path: Path, teacher: TeacherFile) -> None:
@@ -71,6 +91,8 @@ def save_teacher(path: Path, teacher: TeacherFile) -> None:
         "format": TEACHER_FORMAT,
         "network_kwargs": teacher.network_kwargs,
         "sigma_data": float(teacher.sigma_data),
+        "process": teacher.process,
+        "source": teacher.backbone_process,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict.items()},
         "meta": teacher.meta,
     }
@@ -88,6 +110,8 @@ def load_teacher(path: Path) -> TeacherFile:
         sigma_data=float(payload["sigma_data"]),
         state_dict=dict(payload["state_dict"]),
         meta=dict(payload["meta"]),
+        process=str(payload.get("process", "ve")),  # type: ignore[arg-type]
+        source=str(payload.get("source", payload.get("process", "ve"))),  # type: ignore[arg-type]
     )
 
 

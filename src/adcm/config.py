@@ -33,9 +33,14 @@ __all__ = [
     "Params",
     "ParamsError",
     "PrepareConfig",
+    "ProcessName",
+    "ProcessRange",
+    "ProcessesConfig",
+    "SCTConfig",
     "SampleConfig",
     "SamplerConfig",
     "ScoreConfig",
+    "TMidConfig",
     "TeacherConfig",
     "TrainConfig",
     "describe",
@@ -44,7 +49,8 @@ __all__ = [
 ]
 
 DatasetName = Literal["fashion-mnist", "cifar10", "folder"]
-Method = Literal["adcm", "ect", "ict"]
+Method = Literal["adcm", "ect", "ict", "sct"]
+ProcessName = Literal["ve", "fm", "trigflow"]
 Device = str
 
 
@@ -85,6 +91,8 @@ class NetworkConfig:
     attn_resolutions: tuple[int, ...] = param("resolutions (pixels) that get self-attention", gt=0)
     dropout: float = param("dropout probability in the residual blocks", ge=0, lt=1)
     class_conditional: bool = param("condition on class labels (needs a labelled dataset)")
+    adaptive_double_norm: bool = param("sCM's adaptive double normalisation in every residual block: "
+                                       "GN(x)·pnorm(s(t)) + pnorm(b(t)) instead of DDPM++'s additive embedding")
 
 
 @dataclass(frozen=True)
@@ -111,8 +119,9 @@ class TeacherConfig:
     device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     network: NetworkConfig = param("network of a teacher trained here (source: train)")
     sigma_data: float = param("σ_d, the data standard deviation assumed by the preconditioning", gt=0)
-    p_mean: float = param("mean of ln σ in EDM's training noise distribution")
-    p_std: float = param("std of ln σ in EDM's training noise distribution", gt=0)
+    p_mean: float = param("mean of ln σ (σ = noise-to-signal ratio) of the training noise distribution, every "
+                          "process (EDM's log-normal; FM: the logit-normal of t)")
+    p_std: float = param("std of ln σ of the training noise distribution", gt=0)
     duration_kimg: float = param("training length in thousands of images", gt=0)
     batch_size: int = param("images per optimizer step", gt=0)
     batch_per_step: int | None = param("images per forward pass (gradient accumulation); null = batch_size",
@@ -170,12 +179,46 @@ class ICTConfig:
 
 
 @dataclass(frozen=True)
+class SCTConfig:
+    """Continuous-time consistency training in TrigFlow (sCM, Lu & Song 2024, Alg. 1; algorithm.md §4)."""
+
+    p_mean: float = param("proposal: τ ~ N(p_mean, p_std²), t = arctan(e^τ/σ_d) (CIFAR-10: −1.0)")
+    p_std: float = param("proposal std of τ = ln σ (CIFAR-10: 1.4)", gt=0)
+    tangent_norm_c: float = param("tangent normalisation g ← g/(‖g‖₂ + c), per sample over all pixels "
+                                  "(0 = off; sCM: 0.1)", ge=0)
+    warmup_iters: int = param("tangent warm-up: the second term of g is scaled by min(1, iteration/warmup_iters) "
+                              "(sCM: 10k iterations; 0 = no warm-up)", ge=0)
+    adaptive_weight: bool = param("learn the log-variance weighting w(t) jointly (sCM Eq. 8); false = w ≡ 0")
+    weight_channels: int = param("width of the positional embedding of t fed to the linear w(t) head", gt=0)
+
+
+@dataclass(frozen=True)
+class ProcessRange:
+    """The time range of one forward process, in its own time."""
+
+    eps: float = param("boundary time ε: f(x, ε) = x (the discrete methods' last point)", gt=0)
+    t_max: float = param("largest time T, where training and sampling start", gt=0)
+
+
+@dataclass(frozen=True)
+class ProcessesConfig:
+    """[ε, t_max] of every forward process, each in its own time (algorithm.md §1)."""
+
+    ve: ProcessRange = param("VE / EDM, t = σ (EDM: 0.002, 80)")
+    fm: ProcessRange = param("flow matching, x_t = (1 − t)·x0 + t·z (decision: 0.001, 0.999)")
+    trigflow: ProcessRange = param("TrigFlow, t = arctan(σ/σ_d) (arctan(0.002/0.5) ≈ 0.004, arctan(160) ≈ 1.5645; "
+                                   "sCT ignores ε: its boundary is t = 0)")
+
+    def range_of(self, process: str) -> ProcessRange:
+        """The range of ``process``."""
+        return getattr(self, process)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """`adcm train`: discrete consistency training (ADCM, ECT or iCT; top-level `method`)."""
+    """`adcm train`: consistency training (ADCM, ECT, iCT or sCT; top-level `method` and `process`)."""
 
     device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    eps: float = param("boundary time ε: f(x, ε) = x", gt=0)
-    t_max: float = param("largest time T (σ_max of the VE process)", gt=0)
     duration_kimg: float = param("training length in thousands of images", gt=0)
     batch_size: int = param("images per optimizer step (global, over all processes)", gt=0)
     batch_per_step: int | None = param("images per forward pass per process (gradient accumulation); "
@@ -202,6 +245,20 @@ class TrainConfig:
     adcm: ADCMConfig = param("method adcm")
     ect: ECTConfig = param("method ect")
     ict: ICTConfig = param("method ict")
+    sct: SCTConfig = param("method sct")
+
+
+@dataclass(frozen=True)
+class TMidConfig:
+    """2-step sampling x ← f(x_t(x, z', t_mid), t_mid): the intermediate noise level per method.
+
+    Given as a VE σ (noise-to-signal ratio), converted to each process's own time.
+    """
+
+    adcm: float = param("ADCM (CIFAR-10: σ = 0.420)", gt=0)
+    ect: float = param("ECT (CIFAR-10: σ = 0.821)", gt=0)
+    ict: float = param("iCT (σ = 0.821, as ECT)", gt=0)
+    sct: float = param("sCT (TrigFlow t = 1.1, i.e. σ = 0.5·tan 1.1 ≈ 0.9825)", gt=0)
 
 
 @dataclass(frozen=True)
@@ -212,8 +269,7 @@ class SampleConfig:
     num_images: int = param("images per sampler; image i comes from seed first_seed + i", gt=0)
     first_seed: int = param("seed of the first image", ge=0)
     batch_size: int = param("images per forward pass (does not change the images)", gt=0)
-    t_mid: float = param("intermediate time of 2-step sampling, x ← f(x + t_mid·z', t_mid) (ADCM CIFAR-10: "
-                         "0.420, ECT: 0.821)", gt=0)
+    t_mid: TMidConfig = param("intermediate point of 2-step sampling, per method, as a VE σ")
     teacher_steps: int = param("Heun steps of the teacher reference; NFE = 2·steps − 1 (18 → 35)", ge=2)
     grid_rows: int = param("the grid PNG shows grid_rows × grid_rows images", gt=0)
 
@@ -236,8 +292,12 @@ class Params:
 
     lam: float = param("ADCM's λ (paper Eq. 10): weight of global vs local consistency; "
                        "λ → ∞ is diffusion training, λ = 0 continuous time", ge=0, key="lambda")
-    method: Method = param("consistency-training method: adcm, ect or ict")
+    method: Method = param("consistency-training method: adcm, ect, ict (discrete) or sct (continuous time, "
+                           "TrigFlow)")
+    process: ProcessName = param("forward process of the teacher and of consistency training: ve (EDM), fm "
+                                 "(flow matching) or trigflow (sCT always trains in TrigFlow, converting the teacher)")
     seed: int = param("global random seed", ge=0)
+    processes: ProcessesConfig = param("time ranges of the forward processes")
     prepare: PrepareConfig = param("dataset preparation")
     teacher: TeacherConfig = param("diffusion teacher")
     train: TrainConfig = param("consistency training")
@@ -397,8 +457,17 @@ def _validate(params: Params, source: str) -> None:
     tr = params.train
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", tr.device):
         raise ParamsError(f"{source}: train.device: expected auto, cpu, cuda or cuda:N, got {tr.device!r}")
-    if tr.eps >= tr.t_max:
-        raise ParamsError(f"{source}: train.eps: expected < train.t_max ({tr.t_max}), got {tr.eps}")
+    uppers = {"ve": math.inf, "fm": 1.0, "trigflow": math.pi / 2}
+    for name, upper in uppers.items():
+        rng = params.processes.range_of(name)
+        if rng.eps >= rng.t_max:
+            raise ParamsError(f"{source}: processes.{name}.eps: expected < processes.{name}.t_max ({rng.t_max}), "
+                              f"got {rng.eps}")
+        if rng.t_max >= upper:
+            raise ParamsError(f"{source}: processes.{name}.t_max: expected < {upper:.6g}, got {rng.t_max}")
+    if params.process == "fm" and t.source != "train":
+        raise ParamsError(f"{source}: process: 'fm' needs teacher.source 'train' (EDM's pickles are VE "
+                          f"teachers; they convert exactly to trigflow, not to fm), got teacher.source {t.source!r}")
     if (tr.ema_beta is None) == (tr.ema_halflife_kimg is None):
         raise ParamsError(f"{source}: train.ema_beta: set exactly one of train.ema_beta and "
                           f"train.ema_halflife_kimg (the other null)")
@@ -408,13 +477,27 @@ def _validate(params: Params, source: str) -> None:
     for key, dev in (("sample.device", params.sample.device), ("score.device", params.score.device)):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
             raise ParamsError(f"{source}: {key}: expected auto, cpu, cuda or cuda:N, got {dev!r}")
-    if not params.train.eps < params.sample.t_mid < params.train.t_max:
-        raise ParamsError(f"{source}: sample.t_mid: expected between train.eps and train.t_max, "
-                          f"got {params.sample.t_mid}")
+    rho_lo, rho_hi = _rho_range(params)
+    for method in ("adcm", "ect", "ict", "sct"):
+        value = getattr(params.sample.t_mid, method)
+        if not rho_lo < value < rho_hi:
+            raise ParamsError(f"{source}: sample.t_mid.{method}: expected a σ between {rho_lo:.4g} and {rho_hi:.4g} "
+                              f"(processes.{params.process}'s range as a noise-to-signal ratio), got {value}")
     if tr.ict.s1 < tr.ict.s0:
         raise ParamsError(f"{source}: train.ict.s1: expected ≥ train.ict.s0 ({tr.ict.s0}), got {tr.ict.s1}")
     if t.network.class_conditional and not params.prepare.labels:
         raise ParamsError(f"{source}: teacher.network.class_conditional: needs prepare.labels: true")
+
+
+def _rho_range(params: Params) -> tuple[float, float]:
+    """(ρ(ε), ρ(t_max)) of ``params.process``: its range as a VE σ."""
+    rng = params.processes.range_of(params.process)
+    sd = params.teacher.sigma_data
+    if params.process == "ve":
+        return rng.eps, rng.t_max
+    if params.process == "fm":
+        return rng.eps / (1 - rng.eps), rng.t_max / (1 - rng.t_max)
+    return sd * math.tan(rng.eps), sd * math.tan(rng.t_max)
 
 
 def parse_params(data: Any, source: str = "params.yaml") -> Params:

@@ -250,13 +250,16 @@ def sample_intervals(probs: Tensor, batch_size: int, generator: torch.Generator)
 
 
 def _pairs_from_grid(
-    points: Tensor, idx: Tensor, with_weight: bool
+    points: Tensor, idx: Tensor, rho_points: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(t, r) = adjacent grid points; with ``rho_points`` (the grid as noise-to-signal ratios) also
+    the weight 1/(ρ(t) − ρ(r)) of iCT/ECT (= 1/(t − r) for VE)."""
     pts = points.to(device=idx.device, dtype=torch.float64)
-    t64, r64 = pts[idx], pts[idx + 1]
-    t, r = t64.float(), r64.float()
-    weight = (1.0 / (t64 - r64)).float() if with_weight else None
-    return t, r, weight
+    t, r = pts[idx].float(), pts[idx + 1].float()
+    if rho_points is None:
+        return t, r, None
+    rho = rho_points.to(device=idx.device, dtype=torch.float64)
+    return t, r, (1.0 / (rho[idx] - rho[idx + 1])).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,12 +298,17 @@ class ECTDiscretization(Discretization):
     moving from near-diffusion training (large Δt, r clamped to 0 at small t) towards continuous
     time (Δt → 0). Weight 1/(t − r).
 
-    t is drawn from the log-normal ln t ~ N(P_mean, P_std²). **Decision**: *truncate* (equivalent
-    to resampling until ε < t ≤ t_max, but done exactly by inverse CDF with one uniform per sample),
-    rather than clip: clipping would put point masses at ε (where the loss is identically zero)
-    and at t_max (≈ 0.5 % and 0.3 % of samples for −1.1/2.0); truncation matches the normalised
-    interval masses used by iCT and ADCM. After the float32 cast t is clamped to
-    [nextafter(float32(ε), ∞), float32(t_max)] to keep ε < t strictly.
+    ECT is defined on the VE noise level σ. On any process it runs *through the noise-to-signal
+    ratio* ρ(t) = β_t/α_t (the σ of the same point): ln ρ ~ N(P_mean, P_std²), ρ_r = ECT's r(ρ_t),
+    t and r the process times of ρ_t and ρ_r, weight 1/(ρ_t − ρ_r). For VE this is ECT itself; for FM
+    and TrigFlow the same hyperparameters apply without retuning.
+
+    **Decision**: the log-normal is *truncated* to (ρ(ε), ρ(t_max)] (equivalent to resampling until
+    ε < t ≤ t_max, but done exactly by inverse CDF with one uniform per sample), rather than clipped:
+    clipping would put point masses at ε (where the loss is identically zero) and at t_max (≈ 0.5 %
+    and 0.3 % of samples for −1.1/2.0); truncation matches the normalised interval masses used by
+    iCT and ADCM. After the float32 cast t is clamped to [nextafter(float32(ε), ∞), float32(t_max)]
+    to keep ε < t strictly.
     """
 
     def __init__(
@@ -323,26 +331,27 @@ class ECTDiscretization(Discretization):
         self.k, self.b, self.q = k, b, q
 
     def sample_t(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        """Truncated log-normal t on (ε, t_max], float32, on ``generator.device``."""
+        """t with ln ρ(t) ~ N(P_mean, P_std²) truncated to (ε, t_max], float32, on ``generator.device``."""
         device = generator.device
-        lo = torch.special.ndtr(torch.tensor((math.log(self.process.eps) - self.p_mean) / self.p_std,
-                                             dtype=torch.float64))
-        hi = torch.special.ndtr(torch.tensor((math.log(self.process.t_max) - self.p_mean) / self.p_std,
-                                             dtype=torch.float64))
+        rho_lo, rho_hi = self.process.rho_range
+        lo = torch.special.ndtr(torch.tensor((math.log(rho_lo) - self.p_mean) / self.p_std, dtype=torch.float64))
+        hi = torch.special.ndtr(torch.tensor((math.log(rho_hi) - self.p_mean) / self.p_std, dtype=torch.float64))
         u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
         n = torch.special.ndtri(lo.to(device) + (hi - lo).to(device) * u)
-        t = torch.exp(self.p_mean + self.p_std * n).float()
+        t = self.process.time_from_noise_to_signal(torch.exp(self.p_mean + self.p_std * n)).float()
         t_lo = torch.nextafter(torch.tensor(self.process.eps, dtype=torch.float32),
                                torch.tensor(math.inf, dtype=torch.float32)).item()
         return t.clamp_(min=t_lo, max=float(torch.tensor(self.process.t_max, dtype=torch.float32)))
 
     def sample(self, batch_size: int, iteration: int, generator: torch.Generator) -> PairBatch:
-        """t ~ truncated log-normal, r = :func:`ect_r` (t, iteration), weight 1/(t − r)."""
+        """t ~ truncated log-normal in ρ, ρ_r = :func:`ect_r` (ρ_t, iteration), weight 1/(ρ_t − ρ_r)."""
         t = self.sample_t(batch_size, generator)
-        r = ect_r(t.double(), iteration, self.stage_iters, self.k, self.b, self.q).float()
+        nsr = self.process.noise_to_signal
+        rho_r = ect_r(nsr(t.double()), iteration, self.stage_iters, self.k, self.b, self.q)
+        r = self.process.time_from_noise_to_signal(rho_r).float()
         if not bool((r < t).all()):  # Δt below float32 resolution: weight 1/(t − r) would be inf
             raise ValueError(f"ECT stage {iteration // self.stage_iters} makes t - r vanish in float32")
-        weight = (1.0 / (t.double() - r.double())).float()
+        weight = (1.0 / (nsr(t.double()) - nsr(r.double()))).float()
         return PairBatch(t=t, r=r, weight=weight)
 
     def state_dict(self) -> dict[str, Any]:
@@ -394,7 +403,10 @@ class ICTDiscretization(Discretization):
     In the unified view the Karras grid with N(k) points fixes Δt(t) by hand; the doubling
     curriculum N(k) moves from coarse (near-diffusion) towards fine (near-continuous-time) steps.
     Interval i of the current grid (t = σ_i, r = σ_{i+1}, grid decreasing) is drawn with the
-    discretised log-normal :func:`lognormal_interval_probs`; weight 1/(t − r).
+    discretised log-normal :func:`lognormal_interval_probs`; weight 1/(σ_i − σ_{i+1}).
+
+    The grid lives in the noise-to-signal ratio ρ = σ (Karras grid from ρ(t_max) to ρ(ε)) and is
+    mapped to the process's own time, so iCT runs on FM and TrigFlow without retuning.
     """
 
     def __init__(
@@ -412,21 +424,34 @@ class ICTDiscretization(Discretization):
         self.total_iters = total_iters
         self.s0, self.s1, self.rho = s0, s1, rho
         self.p_mean, self.p_std = p_mean, p_std
-        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self._cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def grid_and_probs(self, iteration: int) -> tuple[Tensor, Tensor]:
-        """The (decreasing) Karras grid at ``iteration`` and its interval probabilities."""
+        """The (decreasing) Karras grid at ``iteration`` in process time, and its interval probabilities."""
+        grid, _, probs = self._grids(iteration)
+        return grid, probs
+
+    def rho_grid(self, iteration: int) -> Tensor:
+        """The Karras grid at ``iteration`` as noise-to-signal ratios σ_i (float64, decreasing)."""
+        return self._grids(iteration)[1]
+
+    def _grids(self, iteration: int) -> tuple[Tensor, Tensor, Tensor]:
         n = ict_num_points(iteration, self.total_iters, self.s0, self.s1)
         if n not in self._cache:
-            grid = karras_grid(n, self.process.eps, self.process.t_max, self.rho)
-            self._cache[n] = (grid, lognormal_interval_probs(grid, self.p_mean, self.p_std, self.process))
+            rho_lo, rho_hi = self.process.rho_range
+            rho = karras_grid(n, rho_lo, rho_hi, self.rho)
+            grid = self.process.time_from_noise_to_signal(rho).to(torch.float64)
+            grid[0], grid[-1] = self.process.t_max, self.process.eps
+            if not bool((grid[1:] < grid[:-1]).all()):
+                raise ValueError(f"iCT grid of {n} points is not strictly decreasing in {self.process.name} time")
+            self._cache[n] = (grid, rho, lognormal_interval_probs(grid, self.p_mean, self.p_std, self.process))
         return self._cache[n]
 
     def sample(self, batch_size: int, iteration: int, generator: torch.Generator) -> PairBatch:
-        """Interval i ~ discretised log-normal; t = σ_i, r = σ_{i+1}, weight 1/(t − r)."""
-        grid, probs = self.grid_and_probs(iteration)
+        """Interval i ~ discretised log-normal; t = σ_i, r = σ_{i+1} (process time), weight 1/(σ_i − σ_{i+1})."""
+        grid, rho, probs = self._grids(iteration)
         idx = sample_intervals(probs, batch_size, generator)
-        t, r, weight = _pairs_from_grid(grid, idx, with_weight=True)
+        t, r, weight = _pairs_from_grid(grid, idx, rho)
         return PairBatch(t=t, r=r, weight=weight)
 
     def state_dict(self) -> dict[str, Any]:
@@ -776,7 +801,7 @@ class ADCMDiscretization(Discretization):
         """Adjacent pairs (t, r) = (t_i, t_{i+1}) of the latest partition; weight ``None``."""
         del iteration
         idx = sample_intervals(self.interval_probs(), batch_size, generator)
-        t, r, _ = _pairs_from_grid(self.points, idx, with_weight=False)
+        t, r, _ = _pairs_from_grid(self.points, idx)
         return PairBatch(t=t, r=r, weight=None)
 
     def state_dict(self) -> dict[str, Any]:

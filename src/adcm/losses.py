@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from adcm.processes import broadcast_time
 
-__all__ = ["consistency_loss", "edm_loss", "ict_huber_c", "pseudo_huber"]
+if TYPE_CHECKING:
+    from adcm.precond import Precond
+
+__all__ = ["consistency_loss", "diffusion_loss", "edm_loss", "ict_huber_c", "pseudo_huber"]
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
@@ -124,6 +128,60 @@ def edm_loss(
         out = denoiser(y, sigma, labels, augment_labels=augment_labels)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     return weight * (out - x0).flatten(1).pow(2).mean(1)
+
+
+def diffusion_loss(
+    net: Precond,
+    x0: Tensor,
+    labels: Tensor | None,
+    p_mean: float,
+    p_std: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """Per-sample diffusion (teacher) loss in the wrapper's own process (algorithm.md §1, §4).
+
+    All three draw the noise level the same way — ln σ ~ N(P_mean, P_std²) with σ the
+    noise-to-signal ratio, then one standard z (same generator order as :func:`edm_loss`) — and
+    regress a unit-variance target:
+
+    * ``ve``: EDM's loss (:func:`edm_loss`), λ(σ)·‖D(x_σ, σ) − x0‖² = ‖F − F*‖²/d.
+    * ``fm``: t = σ/(1 + σ) (the logit-normal of t), x_t = (1 − t)·x0 + t·z, velocity loss
+      mean‖v(x_t, t) − (z − x0)‖² (rectified flow).
+    * ``trigflow``: t = arctan(σ/σ_d), x_t = cos t·x0 + sin t·σ_d·z, mean‖F_T(x_t, t) − dx_t/dt/σ_d‖²
+      (sCM's TrigFlow diffusion loss ‖σ_d F − dx/dt‖², divided by σ_d²). For a TrigFlow head
+      converted from an EDM backbone this *is* EDM's loss (F_T = −F_VE, target −F*_VE).
+
+    Args:
+        net: the wrapper (:class:`~adcm.precond.VEPrecond`, ``FMPrecond`` or ``TrigFlowPrecond``,
+            ε = 0), in train mode.
+        x0: (B, ...) clean data.
+        labels: class labels (or ``None``).
+        p_mean, p_std: the log-normal of σ.
+        generator: source of σ and z.
+
+    Returns:
+        (B,) per-sample losses.
+    """
+    if net.process == "ve":
+        return edm_loss(net, x0, labels, p_mean, p_std, net.sigma_data, generator)
+    dev = generator.device
+    n = torch.randn(x0.shape[0], generator=generator, device=dev, dtype=x0.dtype).to(x0.device)
+    z = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype).to(x0.device)
+    sigma = torch.exp(p_mean + p_std * n)
+    if net.process == "fm":
+        t = sigma / (1 + sigma)
+        tb = broadcast_time(t, x0)
+        x_t = (1 - tb) * x0 + tb * z
+        out, target = net.velocity(x_t, t, labels), z - x0
+    elif net.process == "trigflow":
+        sd = net.sigma_data
+        t = torch.atan(sigma / sd)
+        cos, sin = torch.cos(broadcast_time(t, x0)), torch.sin(broadcast_time(t, x0))
+        x_t = cos * x0 + sin * sd * z
+        out, target = net.head(x_t, t, labels), cos * z - sin * x0 / sd
+    else:
+        raise ValueError(f"no diffusion loss for process {net.process!r}")
+    return (out - target).flatten(1).pow(2).mean(1)
 
 
 def ict_huber_c(data_dim: int) -> float:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-__all__ = ["Conv2d", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock"]
+__all__ = ["Conv2d", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock", "pixel_norm"]
 
 
 def _xavier_uniform_(tensor: Tensor, fan_in: int, fan_out: int, gain: float) -> None:
@@ -134,9 +134,17 @@ class PositionalEmbedding(nn.Module):
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
+def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pixel normalisation over the channel dim: x / sqrt(mean_c(x²) + eps) (Karras et al. 2018)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+
+
 class UNetBlock(nn.Module):
     """Residual block of DDPM++: GN–SiLU–conv, additive embedding, GN–SiLU–dropout–conv, skip.
 
+    With ``adaptive_double_norm`` (sCM's *adaptive double normalisation*, Lu & Song 2024, §4.1) the
+    embedding gives a scale s and a shift b per channel instead, each pixel-normalised:
+    GN(x)·pnorm(s) + pnorm(b); ``affine`` then has 2·out_channels outputs (not EDM-compatible).
     Optionally followed by single-head self-attention. Both residual sums are scaled by
     ``skip_scale`` (sqrt(0.5) in DDPM++). Up/down-sampling happens in ``conv0`` and in the 1×1
     ``skip`` projection.
@@ -155,17 +163,19 @@ class UNetBlock(nn.Module):
         skip_scale: float = 1.0,
         eps: float = 1e-6,
         resample_filter: Sequence[int] = (1, 1),
+        adaptive_double_norm: bool = False,
     ):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.adaptive_double_norm = adaptive_double_norm
         self.num_heads = num_heads if attention else 0
         self.dropout = dropout
         self.skip_scale = skip_scale
         zero, attn = 1e-5, math.sqrt(0.2)
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
-        self.affine = Linear(emb_channels, out_channels)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_double_norm else 1))
         self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, 3, init_weight=zero)
         self.skip: Conv2d | None = None
@@ -179,7 +189,12 @@ class UNetBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         residual = x
         x = self.conv0(nnf.silu(self.norm0(x)))
-        x = nnf.silu(self.norm1(x + self.affine(emb)[:, :, None, None].to(x.dtype)))
+        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        if self.adaptive_double_norm:  # sCM §4.1: norm(x)·pnorm(s(t)) + pnorm(b(t))
+            scale, shift = params.chunk(2, dim=1)
+            x = nnf.silu(torch.addcmul(pixel_norm(shift), self.norm1(x), pixel_norm(scale)))
+        else:  # DDPM++: the embedding is added before the normalisation
+            x = nnf.silu(self.norm1(x + params))
         x = self.conv1(nnf.dropout(x, p=self.dropout, training=self.training))
         x = (x + (self.skip(residual) if self.skip is not None else residual)) * self.skip_scale
         if self.num_heads:
@@ -219,6 +234,8 @@ class SongUNet(nn.Module):
         encoder_type: Must be ``"standard"``.
         decoder_type: Must be ``"standard"``.
         resample_filter: FIR taps for up/down-sampling.
+        adaptive_double_norm: sCM's adaptive double normalisation in every block (see
+            :class:`UNetBlock`); not part of EDM's checkpoints (default off).
     """
 
     def __init__(
@@ -240,6 +257,7 @@ class SongUNet(nn.Module):
         encoder_type: str,
         decoder_type: str,
         resample_filter: Sequence[int],
+        adaptive_double_norm: bool = False,
     ):
         if embedding_type != "positional" or encoder_type != "standard" or decoder_type != "standard":
             raise ValueError(
@@ -263,6 +281,7 @@ class SongUNet(nn.Module):
             "skip_scale": math.sqrt(0.5),
             "eps": 1e-6,
             "resample_filter": tuple(resample_filter),
+            "adaptive_double_norm": bool(adaptive_double_norm),
         }
 
         self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)

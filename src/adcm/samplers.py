@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PerSampleNoise", "consistency_sample", "heun_sample", "karras_sigmas"]
+from adcm.processes import ForwardProcess
+
+__all__ = ["PerSampleNoise", "as_ve_denoiser", "consistency_sample", "heun_sample", "karras_sigmas"]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -82,23 +84,43 @@ def heun_sample(denoiser: Denoiser, latents: Tensor, sigmas: Tensor) -> Tensor:
 
 @torch.no_grad()
 def consistency_sample(
-    fn: Denoiser, latents: Tensor, t_max: float, t_mids: Sequence[float], noise: Sequence[Tensor]
+    fn: Denoiser, latents: Tensor, process: ForwardProcess, t_mids: Sequence[float], noise: Sequence[Tensor]
 ) -> Tensor:
-    """Multistep consistency sampling (algorithm.md §2) for the VE process.
+    """Multistep consistency sampling (algorithm.md §2) on any forward process.
 
-    x = f(T·z, T); then for each t_mid: x ← f(x + t_mid·z', t_mid) with fresh noise z'.
+    x = f(x_T, T) with x_T = β(T)·z (the data term α(T)·x0 is dropped: T·z for VE, T·z for FM,
+    σ_d·sin T·z for TrigFlow); then for each t_mid: x ← f(α(t_mid)·x + β(t_mid)·z', t_mid) with
+    fresh noise z' (VE: x + t_mid·z').
 
     Args:
         fn: consistency function f(x, t), t of shape (B,).
         latents: (B, C, H, W) unit Gaussian noise.
-        t_max: the largest time T.
-        t_mids: intermediate times (empty → one step).
+        process: the forward process of ``fn`` (gives T = ``process.t_max``, α and β).
+        t_mids: intermediate times in the process's own time (empty → one step).
         noise: one fresh unit-Gaussian tensor per intermediate time.
     """
     if len(noise) != len(t_mids):
         raise ValueError("need one noise tensor per intermediate time")
     batch = latents.shape[0]
-    x = fn(latents * t_max, latents.new_full((batch,), t_max))
+    t_max = latents.new_full((batch,), process.t_max)
+    x = fn(process.x_t(torch.zeros_like(latents), latents, t_max), t_max)
     for t_mid, z in zip(t_mids, noise, strict=True):
-        x = fn(x + t_mid * z, latents.new_full((batch,), t_mid))
+        t_vec = latents.new_full((batch,), t_mid)
+        x = fn(process.x_t(x, z, t_vec), t_vec)
     return x
+
+
+def as_ve_denoiser(fn: Callable[..., Tensor], process: ForwardProcess) -> Callable[..., Tensor]:
+    """EDM's D(x_σ, σ) from an x0-predicting model of any process (exact change of coordinates).
+
+    The VE point (x_σ, σ) is x_t = α(t)·x_σ at t = ρ⁻¹(σ) of ``process`` (:mod:`adcm.processes`), so
+    EDM's Heun sampler runs unchanged on FM and TrigFlow teachers. For VE ``fn`` is returned as is.
+    """
+    if process.name == "ve":
+        return fn
+
+    def denoise(x_sigma: Tensor, sigma: Tensor, *args: object, **kwargs: object) -> Tensor:
+        x_t, t = process.from_ve(x_sigma, sigma)
+        return fn(x_t, t, *args, **kwargs)
+
+    return denoise

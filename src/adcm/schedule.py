@@ -1,8 +1,11 @@
 """The learned time schedule: ADCM's partitions next to ECT's and iCT's Δt(t) (ADCM paper, Fig. 4).
 
-Every ADCM partition built during training is a decreasing list t_0 = T > t_1 > … > t_n = ε; its
-step at t_i is Δt_i = t_i − t_{i+1}. ECT's step at the same training iteration is t − r(t) of its
-mapping function, iCT's the spacing of its Karras grid with N(k) points.
+Every ADCM partition built during training is a decreasing list t_0 = T > t_1 > … > t_n = ε in the
+process's own time; its step at t_i is Δt_i = t_i − t_{i+1}. ECT's step at the same training
+iteration is t − r(t) of its mapping function, iCT's the spacing of its Karras grid with N(k) points;
+both are defined on the noise-to-signal ratio ρ (the VE σ) and mapped to the process's time
+(:mod:`adcm.discretization`). Every schedule is reported in both coordinates: the process's own
+time t and ρ(t), where schedules of different processes can be compared.
 """
 
 from __future__ import annotations
@@ -17,16 +20,28 @@ import torch
 from adcm.config import TrainConfig
 from adcm.discretization import ect_r, ict_num_points, karras_grid
 from adcm.io import atomic_path
+from adcm.processes import ForwardProcess
 
-__all__ = ["ect_steps", "ict_steps", "partition_rows", "plot_schedules", "schedule_summary"]
+__all__ = ["Schedule", "ect_steps", "ict_steps", "partition_rows", "plot_schedules", "schedule_summary"]
+
+Schedule = dict[str, list[float]]
+"""``{'t': …, 'dt': …, 'rho': …, 'drho': …}``: points and steps in process time and as noise-to-signal ratios."""
 
 
-def partition_rows(partitions: list[tuple[int, list[float]]]) -> list[dict[str, float]]:
-    """One row (rebuild index, iteration, point index, t, Δt) per partition point except the last (ε)."""
+def _both(t: torch.Tensor, r: torch.Tensor, process: ForwardProcess) -> Schedule:
+    rho_t, rho_r = process.noise_to_signal(t), process.noise_to_signal(r)
+    return {"t": t.tolist(), "dt": (t - r).tolist(), "rho": rho_t.tolist(), "drho": (rho_t - rho_r).tolist()}
+
+
+def partition_rows(partitions: list[tuple[int, list[float]]], process: ForwardProcess) -> list[dict[str, float]]:
+    """One row (rebuild index, iteration, point index, t, Δt, ρ, Δρ) per partition point except the last (ε)."""
     rows = []
     for k, (iteration, points) in enumerate(partitions):
-        for i, (t, r) in enumerate(itertools.pairwise(points)):
-            rows.append({"rebuild": k, "iteration": int(iteration), "index": i, "t": float(t), "dt": float(t - r)})
+        pts = torch.tensor(points, dtype=torch.float64)
+        both = _both(pts[:-1], pts[1:], process)
+        for i in range(len(points) - 1):
+            rows.append({"rebuild": k, "iteration": int(iteration), "index": i, "t": both["t"][i],
+                         "dt": both["dt"][i], "rho": both["rho"][i], "drho": both["drho"][i]})
     return rows
 
 
@@ -43,47 +58,59 @@ def schedule_summary(partitions: list[tuple[int, list[float]]]) -> dict[str, Any
             "points_per_rebuild": [len(p) for _, p in partitions]}
 
 
-def ect_steps(cfg: TrainConfig, iteration: int, num: int = 200) -> tuple[list[float], list[float]]:
-    """ECT's Δt(t) = t − r(t) at ``iteration`` on a log grid of t in (ε, T] (r clamped at ε: Δt ≤ t − ε)."""
-    t = torch.logspace(math.log10(cfg.eps * 1.01), math.log10(cfg.t_max), num, dtype=torch.float64)
+def ect_steps(cfg: TrainConfig, iteration: int, process: ForwardProcess, num: int = 200) -> Schedule:
+    """ECT's step at ``iteration`` on a log grid of ρ in (ρ(ε), ρ(T)]: ρ_r = r(ρ) clamped at ρ(ε)."""
+    rho_lo, rho_hi = process.rho_range
+    rho = torch.logspace(math.log10(rho_lo * 1.01), math.log10(rho_hi), num, dtype=torch.float64)
     e = cfg.ect
-    r = ect_r(t, iteration, e.stage_iters, e.k, e.b, e.q).clamp(min=cfg.eps)
-    return t.tolist(), (t - r).tolist()
+    rho_r = ect_r(rho, iteration, e.stage_iters, e.k, e.b, e.q).clamp(min=rho_lo)
+    return _both(process.time_from_noise_to_signal(rho), process.time_from_noise_to_signal(rho_r), process)
 
 
-def ict_steps(cfg: TrainConfig, iteration: int, total_iters: int) -> tuple[list[float], list[float]]:
-    """iCT's Δt at each grid point σ_i of its N(k)-point Karras grid at ``iteration``."""
+def ict_steps(cfg: TrainConfig, iteration: int, total_iters: int, process: ForwardProcess) -> Schedule:
+    """iCT's step at each point of its N(k)-point Karras grid (in ρ) at ``iteration``."""
     i = cfg.ict
     n = ict_num_points(iteration, total_iters, i.s0, i.s1)
-    grid = karras_grid(n, cfg.eps, cfg.t_max, i.rho)
-    return grid[:-1].tolist(), (grid[:-1] - grid[1:]).tolist()
+    grid = process.time_from_noise_to_signal(karras_grid(n, *process.rho_range, i.rho))
+    return _both(grid[:-1], grid[1:], process)
 
 
 def plot_schedules(path: Path, partitions: list[tuple[int, list[float]]], cfg: TrainConfig, total_iters: int,
-                   title: str) -> None:
-    """PNG of Δt(t) on log–log axes: every ADCM partition, and ECT/iCT at the latest one's iteration."""
+                   title: str, process: ForwardProcess) -> None:
+    """PNG of Δt(t) on log–log axes: every ADCM partition, and ECT/iCT at the latest one's iteration.
+
+    For VE one panel (t = ρ); for FM and TrigFlow two: the process's own time, and ρ.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    panels = [("t", "dt")] if process.name == "ve" else [("t", "dt"), ("rho", "drho")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), dpi=120, squeeze=False)
     cmap = plt.get_cmap("viridis")
-    for k, (iteration, points) in enumerate(partitions):
-        ts = points[:-1]
-        dts = [a - b for a, b in itertools.pairwise(points)]
-        shade = cmap(0.15 + 0.7 * k / max(len(partitions) - 1, 1))
-        ax.plot(ts, dts, "-", color=shade, lw=1.6, label=f"ADCM, built at it {iteration} (|T|={len(points)})")
     iteration = partitions[-1][0] if partitions else total_iters
-    ax.plot(*ect_steps(cfg, iteration), "--", color="tab:red", lw=1.2, label=f"ECT at it {iteration}")
-    ax.plot(*ict_steps(cfg, iteration, total_iters), ":", color="tab:orange", lw=1.5, label=f"iCT at it {iteration}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("t (σ of the VE process)")
-    ax.set_ylabel("Δt = t − r")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper left")
+    ect = ect_steps(cfg, iteration, process)
+    ict = ict_steps(cfg, iteration, total_iters, process)
+    for ax, (x, y) in zip(axes[0], panels, strict=True):
+        for k, (it, points) in enumerate(partitions):
+            pts = torch.tensor(points, dtype=torch.float64)
+            both = _both(pts[:-1], pts[1:], process)
+            shade = cmap(0.15 + 0.7 * k / max(len(partitions) - 1, 1))
+            ax.plot(both[x], both[y], "-", color=shade, lw=1.6, label=f"ADCM, built at it {it} (|T|={len(points)})")
+        ax.plot(ect[x], ect[y], "--", color="tab:red", lw=1.2, label=f"ECT at it {iteration}")
+        ax.plot(ict[x], ict[y], ":", color="tab:orange", lw=1.5, label=f"iCT at it {iteration}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        if x == "t":
+            ax.set_xlabel(f"t ({process.name} time{', = σ' if process.name == 've' else ''})")
+            ax.set_ylabel("Δt = t − r")
+        else:
+            ax.set_xlabel("ρ = noise-to-signal ratio (VE σ)")
+            ax.set_ylabel("Δρ")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

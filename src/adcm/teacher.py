@@ -1,4 +1,5 @@
-"""Training an EDM diffusion teacher (Karras et al. 2022): the loss of Eq. 2 with σ ~ logN(P_mean, P_std²).
+"""Training a diffusion teacher: EDM's loss (Karras et al. 2022, Eq. 2) with ln σ ~ N(P_mean, P_std²), or the
+flow-matching velocity loss / TrigFlow diffusion loss with the same proposal (:func:`adcm.losses.diffusion_loss`).
 
 The loop is resumable bit for bit: the state (network, EMA, Adam, step) is checkpointed atomically
 every ``checkpoint_every_kimg`` and every step's randomness derives from (seed, step).
@@ -20,13 +21,14 @@ from adcm.checkpoint import CheckpointError, TeacherFile, fingerprint, load_stat
 from adcm.config import NetworkConfig, SamplerConfig, TeacherConfig
 from adcm.data import DatasetError, ImageDataset
 from adcm.images import to_uint8
-from adcm.losses import edm_loss
-from adcm.precond import VEPrecond, denoiser
-from adcm.samplers import PerSampleNoise, heun_sample, karras_sigmas
+from adcm.losses import diffusion_loss
+from adcm.precond import Precond, denoiser
+from adcm.processes import ProcessName, coordinates
+from adcm.samplers import PerSampleNoise, as_ve_denoiser, heun_sample, karras_sigmas
 from adcm.training import ImageSampler, MetricsLogger, TrainingProgress, ema_beta, step_generator, update_ema
 
-__all__ = ["TeacherRun", "TrainingError", "checkpoint_matches", "network_kwargs_for", "sample_teacher",
-           "train_teacher"]
+__all__ = ["TeacherRun", "TrainingError", "checkpoint_matches", "network_kwargs_for",
+           "sample_teacher", "train_teacher"]
 
 
 class TrainingError(RuntimeError):
@@ -66,16 +68,18 @@ def network_kwargs_for(cfg: NetworkConfig, resolution: int, channels: int, num_c
         "encoder_type": "standard",
         "decoder_type": "standard",
         "resample_filter": [1, 1],
+        "adaptive_double_norm": cfg.adaptive_double_norm,
     }
 
 
-def _training_fingerprint(cfg: TeacherConfig, seed: int, kwargs: dict[str, Any], data_id: str) -> str:
+def _training_fingerprint(cfg: TeacherConfig, seed: int, kwargs: dict[str, Any], data_id: str,
+                          process: ProcessName) -> str:
     """Everything that changes the trained weights; not the logging/checkpoint periods or the device."""
     relevant = dataclasses.asdict(cfg)
     for key in ("device", "checkpoint_every_kimg", "log_every_kimg", "sampler", "url", "sha256",
                 "download_path", "file", "duration_kimg"):
         relevant.pop(key)
-    return fingerprint({"teacher": relevant, "seed": seed, "network": kwargs, "data": data_id})
+    return fingerprint({"teacher": relevant, "seed": seed, "network": kwargs, "data": data_id, "process": process})
 
 
 def _data_kwargs(cfg: TeacherConfig, data: ImageDataset) -> dict[str, Any]:
@@ -86,9 +90,10 @@ def _data_kwargs(cfg: TeacherConfig, data: ImageDataset) -> dict[str, Any]:
     return network_kwargs_for(cfg.network, height, channels, num_classes)
 
 
-def checkpoint_matches(path: Path, cfg: TeacherConfig, *, seed: int, data: ImageDataset, data_id: str) -> bool:
+def checkpoint_matches(path: Path, cfg: TeacherConfig, *, seed: int, data: ImageDataset, data_id: str,
+                       process: ProcessName = "ve") -> bool:
     """Whether the training checkpoint at ``path`` was written under this configuration and data."""
-    fp = _training_fingerprint(cfg, seed, _data_kwargs(cfg, data), data_id)
+    fp = _training_fingerprint(cfg, seed, _data_kwargs(cfg, data), data_id, process)
     return load_state(path).get("fingerprint") == fp
 
 
@@ -103,8 +108,9 @@ def train_teacher(
     fresh: bool = False,
     log_dir: Path | None = None,
     show_progress: bool = True,
+    process: ProcessName = "ve",
 ) -> TeacherRun:
-    """Train (or resume training) an EDM teacher on ``data`` for ``cfg.duration_kimg``.
+    """Train (or resume training) a diffusion teacher on ``data`` for ``cfg.duration_kimg``.
 
     Args:
         cfg: the ``teacher`` params group.
@@ -116,16 +122,17 @@ def train_teacher(
         fresh: ignore an existing checkpoint and start over.
         log_dir: dvclive directory (None = no metrics logging).
         show_progress: show a rich progress bar.
+        process: ``ve`` (EDM), ``fm`` (velocity loss) or ``trigflow`` (TrigFlow diffusion loss).
 
     Raises:
         CheckpointError: the checkpoint belongs to another configuration (and ``fresh`` is false).
         TrainingError: 20 non-finite losses in a row.
     """
     kwargs = _data_kwargs(cfg, data)
-    fp = _training_fingerprint(cfg, seed, kwargs, data_id)
+    fp = _training_fingerprint(cfg, seed, kwargs, data_id, process)
 
     torch.manual_seed(seed)
-    net = denoiser(kwargs, cfg.sigma_data).to(device).train()
+    net = denoiser(kwargs, cfg.sigma_data, process).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     step, nimg, skipped, elapsed, last_loss = 0, 0, 0, 0.0, float("nan")
@@ -169,7 +176,7 @@ def train_teacher(
             loss_sum = 0.0
             for _ in range(cfg.batch_size // micro):
                 x0, labels = sampler.sample(micro, gen)
-                loss = edm_loss(net, x0, labels, cfg.p_mean, cfg.p_std, cfg.sigma_data, gen).mean()
+                loss = diffusion_loss(net, x0, labels, cfg.p_mean, cfg.p_std, gen).mean()
                 (loss * micro / cfg.batch_size).backward()
                 loss_sum += loss.item() * micro / cfg.batch_size
             step += 1
@@ -204,13 +211,17 @@ def train_teacher(
         state_dict={k: v.detach().cpu() for k, v in ema.state_dict().items()},
         meta={"source": "train", "kimg": nimg / 1000, "steps": step, "dataset": data.name, "data_id": data_id,
               "fingerprint": fp},
+        process=process,
     )
     return TeacherRun(teacher, nimg / 1000, step, elapsed, last_loss, skipped, resumed_kimg)
 
 
-def sample_teacher(net: VEPrecond, cfg: SamplerConfig, seeds: list[int], label_dim: int,
+def sample_teacher(net: Precond, cfg: SamplerConfig, seeds: list[int], label_dim: int,
                    device: torch.device, shape: tuple[int, int, int]) -> np.ndarray:
-    """Heun samples (uint8, N×C×H×W) from the denoiser, sample i from seed i (labels drawn uniformly)."""
+    """Heun samples (uint8, N×C×H×W) from the teacher's x0-prediction, sample i from seed i (labels uniform).
+
+    EDM's sampler runs in VE coordinates on every process (:func:`adcm.samplers.as_ve_denoiser`).
+    """
     noise = PerSampleNoise(seeds, device)
     latents = noise.randn(shape)
     labels = None
@@ -218,5 +229,6 @@ def sample_teacher(net: VEPrecond, cfg: SamplerConfig, seeds: list[int], label_d
         labels = torch.nn.functional.one_hot(noise.randint(label_dim), label_dim).float()
     sigmas = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     net = net.to(device).eval()
-    images = heun_sample(lambda x, s: net(x, s, labels), latents, sigmas.to(device))
+    denoise = as_ve_denoiser(net, coordinates(net.process, net.sigma_data))
+    images = heun_sample(lambda x, s: denoise(x, s, labels), latents, sigmas.to(device))
     return to_uint8(images)

@@ -8,8 +8,10 @@ the same device and thread count).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "TrainingProgress",
     "ema_beta",
     "resolve_device",
+    "same_rng",
     "seed_chunk",
     "step_generator",
     "update_ema",
@@ -59,6 +62,24 @@ def seed_chunk(seed: int, step: int, chunk: int) -> None:
     so N processes reproduce a single process with the same global batch and chunk size.
     """
     torch.manual_seed(_mix(seed, step, chunk, 2))
+
+
+@contextlib.contextmanager
+def same_rng(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yields ``replay()``: resets the global RNG (CPU and, on CUDA, the device) to its state at entry.
+
+    The target forward (or JVP) runs first, then ``replay()``, then the student forward: both draw
+    the same dropout masks (algorithm.md §3 step 2).
+    """
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def replay() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+    yield replay
 
 
 class ImageSampler:
