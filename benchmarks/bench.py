@@ -1,20 +1,29 @@
-"""Side-by-side throughput benchmarks (one process, same network, same batch): a table and a JSON file.
+"""Side-by-side throughput benchmarks: one process, one network, one batch, interleaved rounds; a table and JSON.
 
-    python benchmarks/bench.py                      # the embedded default's teacher network, batch 64
-    python benchmarks/bench.py --network cifar10 --batch 128 --device cuda
+    python benchmarks/bench.py                      # the embedded default's network (params.yaml), batch 64
+    python benchmarks/bench.py --fid                # also Inception feature extraction
+    python benchmarks/bench.py --network cifar10 --batch 128 --device cuda   # the paper's DDPM++ (55.7M)
 
-Measures one training step (images/s) for diffusion training (EDM loss), ECT, iCT and ADCM (the
-partition rebuild amortised over `--rebuild-every` iterations), one ADCM partition rebuild (|T| from
-`--points` JVPs), sampling (1 step, 2 steps, Heun 35 NFE) and FID feature extraction. Ratios
-(ADCM/ECT time, CT/diffusion time) come from the same run. Not a test: nothing is asserted.
+Measured, each as images/s of one optimizer step (forward, backward, optimizer, EMA not included):
+diffusion training (EDM loss), ECT, iCT, ADCM (its partition rebuild amortised at the configured period
+and at the paper's 25k iterations) and sCT (one JVP per step). Also one ADCM partition rebuild (|T| JVPs at
+the partition batch size), sampling (1 step, 2 steps, the teacher's Heun 35 NFE) and FID features.
+
+Every configuration is timed in each of ``--rounds`` rounds, in turn, and the median round is kept, so
+slow drifts of the machine (thermal, other load) hit all of them alike; ratios (ADCM/ECT, CT/diffusion)
+come from the same run. On CUDA the GPU path of ``params.yaml`` applies (bf16 autocast, channels_last,
+TF32, fused/foreach optimizer). Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,32 +31,41 @@ from pathlib import Path
 import torch
 
 from adcm.config import load_params
-from adcm.consistency import consistency_batch_loss, make_discretization, set_dropout
+from adcm.consistency import FastPath, consistency_batch_loss, make_discretization, set_dropout
 from adcm.discretization import consistency_velocity
 from adcm.losses import edm_loss
-from adcm.precond import consistency_function, denoiser
-from adcm.processes import VEProcess
+from adcm.precond import TrigFlowPrecond, consistency_function, denoiser
+from adcm.processes import TrigFlowProcess, VEProcess
 from adcm.samplers import consistency_sample, heun_sample, karras_sigmas
+from adcm.sct import LogVarianceHead, SCTModule, sample_sct_times, sct_batch_loss
 from adcm.teacher import network_kwargs_for
 
 CIFAR10 = dict(img_resolution=32, in_channels=3, out_channels=3, label_dim=0, augment_dim=9, model_channels=128,
                channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4, attn_resolutions=[16], dropout=0.2,
                label_dropout=0.0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
                decoder_type="standard", resample_filter=[1, 1])
+PAPER_REBUILD_EVERY = 25_000
 
 
-def timed(fn: Callable[[], None], iters: int, device: torch.device, warmup: int = 1) -> float:
-    """Mean seconds per call after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, iters: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function over ``rounds`` rounds of ``iters`` calls, taken in turn."""
+    for fn in fns.values():  # warm-up (allocators, kernel selection, first-call overheads)
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / iters)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -55,115 +73,163 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--network", choices=["default", "cifar10"], default="default")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--points", type=int, default=20, help="JVPs timed for the rebuild rate")
-    ap.add_argument("--partition-points", type=int, default=1050, help="|T| assumed for the amortised rebuild")
-    ap.add_argument("--rebuild-every", type=int, default=25000, help="iterations between rebuilds")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is kept)")
+    ap.add_argument("--iters", type=int, default=3, help="steps per configuration and round")
+    ap.add_argument("--jvps", type=int, default=20, help="JVPs timed for the rebuild rate")
+    ap.add_argument("--partition-points", type=int, default=1044,
+                    help="|T| of a rebuild (1044: measured on the embedded default at λ = 0.01)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fid", action="store_true", help="also time Inception feature extraction")
-    ap.add_argument("--out", type=Path, default=Path("reports/bench.json"))
+    ap.add_argument("--out", type=Path, default=Path("reports/bench/bench.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
     params = load_params(args.params)
     cfg = params.train
+    ve = VEProcess(eps=params.processes.ve.eps, t_max=params.processes.ve.t_max)
+    trig = TrigFlowProcess(eps=math.atan(ve.eps / 0.5), t_max=math.atan(ve.t_max / 0.5))
     if args.network == "cifar10":
-        kwargs = CIFAR10
+        kwargs = dict(CIFAR10)
     else:
-        kwargs = network_kwargs_for(params.teacher.network, params.prepare.resolution, 1, 0)
+        channels = 1 if params.prepare.dataset == "fashion-mnist" else 3
+        kwargs = network_kwargs_for(params.teacher.network, params.prepare.resolution, channels, 0)
     shape = (args.batch, kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
+    fast = FastPath.for_device(cfg, device)
+
     torch.manual_seed(0)
-    net = consistency_function(kwargs, 0.5, cfg.eps).to(device).train()
+    net = consistency_function(kwargs, 0.5, ve.eps).to(device).train()
     set_dropout(net, cfg.dropout)
+    net.requires_grad_(True)
+    for name, p in net.named_parameters():
+        if name.startswith("model.map_augment"):
+            p.requires_grad_(False)
+    fast.apply(net)
     den = denoiser(kwargs, 0.5).to(device).train()
+    den.load_state_dict(net.state_dict())
+    fast.apply(den)
+    trig_net = TrigFlowPrecond(copy.deepcopy(net.model), 0.5, 0.0, "ve").to(device).train()
+    sct_module = SCTModule(trig_net, LogVarianceHead(cfg.sct.weight_channels).to(device))
     params_count = sum(p.numel() for p in net.parameters())
-    opt = torch.optim.RAdam(net.parameters(), lr=1e-5)
-    opt_d = torch.optim.Adam(den.parameters(), lr=1e-5)
-    process = VEProcess(eps=cfg.eps, t_max=cfg.t_max)
+    opt = fast.optimizer(net, cfg)
+    opt_d = fast.optimizer(den, cfg)
+    opt_s = fast.optimizer(sct_module, cfg)
     gen = torch.Generator().manual_seed(0)
     x0 = (torch.rand(shape, generator=gen) * 2 - 1).to(device)
-    results: dict[str, float] = {}
+    if fast.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
 
     def diffusion_step() -> None:
         opt_d.zero_grad(set_to_none=True)
-        edm_loss(den, x0, None, -1.2, 1.2, 0.5, gen).mean().backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=fast.bf16):
+            loss = edm_loss(den, x0, None, -1.2, 1.2, 0.5, gen).float().mean()
+        loss.backward()
         opt_d.step()
 
     def ct_step(method: str) -> Callable[[], None]:
-        disc = make_discretization(method, params.lam, cfg, 100000, 0)
-        if method == "adcm":  # a fixed geometric partition of the expected size stands in for a built one
-            pts = torch.logspace(math.log10(cfg.t_max), math.log10(cfg.eps), args.partition_points,
-                                 dtype=torch.float64)
+        disc = make_discretization(method, params.lam, cfg, 100_000, 0, ve)
+        if method == "adcm":  # a geometric partition of the measured size stands in for a built one
+            pts = torch.logspace(math.log10(ve.t_max), math.log10(ve.eps), args.partition_points, dtype=torch.float64)
             disc.load_state_dict({"kind": "adcm", "seed": 0, "partitions": [(0, pts)]})
+        c = {"adcm": cfg.adcm.huber_c, "ect": cfg.ect.huber_c}.get(method, 0.00054 * math.sqrt(x0[0].numel()))
 
         def step() -> None:
             pairs = disc.sample(args.batch, 1, gen)
             z = torch.randn(shape, generator=gen).to(device)
             w = None if pairs.weight is None else pairs.weight.to(device)
             opt.zero_grad(set_to_none=True)
-            consistency_batch_loss(net, net, process, x0, z, pairs.t.to(device), pairs.r.to(device), w, None,
-                                   c=0.03).backward()
+            consistency_batch_loss(net, net, ve, x0, z, pairs.t.to(device), pairs.r.to(device), w, None, c=c,
+                                   bf16=fast.bf16).backward()
             opt.step()
         return step
 
-    results["diffusion_step_s"] = timed(diffusion_step, args.iters, device)
-    for method in ("ect", "ict", "adcm"):
-        results[f"{method}_step_s"] = timed(ct_step(method), args.iters, device)
+    def sct_step() -> None:
+        t = sample_sct_times(args.batch, cfg.sct.p_mean, cfg.sct.p_std, trig, gen).to(device)
+        z = torch.randn(shape, generator=gen).to(device)
+        opt_s.zero_grad(set_to_none=True)
+        sct_batch_loss(trig_net, sct_module, x0, z, t, None, ratio=1.0, tangent_norm_c=cfg.sct.tangent_norm_c,
+                       bf16=fast.bf16).backward()
+        opt_s.step()
 
-    frozen = consistency_function(kwargs, 0.5, cfg.eps).to(device).eval()
+    steps = interleaved({"diffusion": diffusion_step, "ect": ct_step("ect"), "ict": ct_step("ict"),
+                         "adcm": ct_step("adcm"), "sct": sct_step}, args.rounds, args.iters, device)
+
+    # One partition rebuild: |T| JVPs of the frozen f at the partition batch size (dropout off).
+    pb = cfg.adcm.partition_batch_size
+    frozen = consistency_function(kwargs, 0.5, ve.eps).to(device).eval()
     frozen.load_state_dict(net.state_dict())
-    t_vec = torch.full((args.batch,), 1.0, device=device)
-    z = torch.randn(shape, generator=gen).to(device)
-    jvp_s = timed(lambda: consistency_velocity(frozen, x0 + z, t_vec, z), args.points, device)
-    results["jvp_s"] = jvp_s
-    results["rebuild_s"] = jvp_s * args.partition_points
-    results["adcm_amortised_step_s"] = results["adcm_step_s"] + results["rebuild_s"] / args.rebuild_every
+    xp, zp = x0[:pb].contiguous(), torch.randn((pb, *shape[1:]), generator=gen).to(device)
+    t_vec = torch.full((pb,), 1.0, device=device)
+    jvp_s = interleaved({"jvp": lambda: consistency_velocity(frozen, xp + zp, t_vec, zp)}, 1, args.jvps,
+                        device)["jvp"]
+    rebuild_s = jvp_s * args.partition_points
+    total_iters = max(1, math.ceil(cfg.duration_kimg * 1000 / cfg.batch_size))
+    run_period = min(cfg.adcm.rebuild_every_iters, total_iters)  # one rebuild per run when the run is shorter
+    amortised = {"params": steps["adcm"] + rebuild_s / run_period,
+                 "paper": steps["adcm"] + rebuild_s / PAPER_REBUILD_EVERY}
 
+    z = torch.randn(shape, generator=gen).to(device)
     with torch.no_grad():
-        results["sample_1step_s"] = timed(lambda: consistency_sample(frozen, z, cfg.t_max, [], []), args.iters,
-                                          device)
-        results["sample_2step_s"] = timed(lambda: consistency_sample(frozen, z, cfg.t_max, [0.42], [z]),
-                                          args.iters, device)
-        sig = karras_sigmas(18, cfg.eps, cfg.t_max, 7.0).to(device)
-        d_eval = den.eval()
-        results["sample_heun35_s"] = timed(lambda: heun_sample(d_eval, z, sig), 1, device, warmup=0)
+        sig = karras_sigmas(18, ve.eps, ve.t_max, 7.0).to(device)
+        d_eval = copy.deepcopy(den).eval()
+        sampling = interleaved({
+            "1step": lambda: consistency_sample(frozen, z, ve, [], []),
+            "2step": lambda: consistency_sample(frozen, z, ve, [0.42], [z]),
+            "heun35": lambda: heun_sample(d_eval, z, sig),
+        }, max(1, args.rounds // 2), 1, device)
+    fid_rate = None
     if args.fid:
         from adcm.fid import build_extractor, image_features, resolve_inception_weights
 
         ext = build_extractor(resolve_inception_weights(None)[0], device)
-        imgs = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8).numpy()
-        results["fid_16_images_s"] = timed(lambda: image_features(imgs, ext, 16, device), 1, device)
+        imgs = torch.randint(0, 256, (32, kwargs["in_channels"], 32, 32), dtype=torch.uint8).numpy()
+        fid_rate = 32 / interleaved({"fid": lambda: image_features(imgs, ext, 32, device)}, 3, 1, device)["fid"]
 
     b = args.batch
     table = [
-        ("diffusion step (EDM loss)", b / results["diffusion_step_s"]),
-        ("ECT step", b / results["ect_step_s"]),
-        ("iCT step", b / results["ict_step_s"]),
-        ("ADCM step", b / results["adcm_step_s"]),
-        (f"ADCM step + rebuild/{args.rebuild_every}", b / results["adcm_amortised_step_s"]),
-        ("sampling, 1 step", b / results["sample_1step_s"]),
-        ("sampling, 2 steps", b / results["sample_2step_s"]),
-        ("sampling, Heun 35 NFE (teacher)", b / results["sample_heun35_s"]),
+        ("diffusion step (EDM loss)", b / steps["diffusion"]),
+        ("ECT step", b / steps["ect"]),
+        ("iCT step", b / steps["ict"]),
+        ("ADCM step (partition given)", b / steps["adcm"]),
+        (f"ADCM step + rebuild every {run_period} it (this params.yaml)", b / amortised["params"]),
+        (f"ADCM step + rebuild every {PAPER_REBUILD_EVERY} it (paper)", b / amortised["paper"]),
+        ("sCT step (JVP + forward + backward)", b / steps["sct"]),
+        ("sampling, 1 step", b / sampling["1step"]),
+        ("sampling, 2 steps", b / sampling["2step"]),
+        ("sampling, Heun 35 NFE (teacher)", b / sampling["heun35"]),
     ]
-    if args.fid:
-        table.append(("FID features (Inception)", 16 / results["fid_16_images_s"]))
+    if fid_rate is not None:
+        table.append(("FID features (Inception, 299×299)", fid_rate))
     ratios = {
-        "adcm_over_ect_time": results["adcm_amortised_step_s"] / results["ect_step_s"],
-        "ct_over_diffusion_time": results["ect_step_s"] / results["diffusion_step_s"],
+        "adcm_over_ect_time_paper_period": amortised["paper"] / steps["ect"],
+        "adcm_over_ect_time_params_period": amortised["params"] / steps["ect"],
+        "adcm_step_over_ect_step_time": steps["adcm"] / steps["ect"],
+        "ct_over_diffusion_time": steps["ect"] / steps["diffusion"],
+        "sct_over_ect_time": steps["sct"] / steps["ect"],
         "jvps_per_s": 1 / jvp_s,
-        "rebuild_s": results["rebuild_s"],
+        "rebuild_s": rebuild_s,
     }
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"network {args.network} ({params_count / 1e6:.2f}M parameters), batch {b}, device {device_name}, "
-          f"{torch.get_num_threads()} threads")
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"network {args.network} ({params_count / 1e6:.2f}M parameters), batch {b}, {device_name}; "
+          f"median of {args.rounds} interleaved rounds × {args.iters} steps")
     for name, rate in table:
-        print(f"  {name:<40} {rate:10.1f} img/s")
-    print(f"  ADCM/ECT time {ratios['adcm_over_ect_time']:.3f}   CT/diffusion time "
-          f"{ratios['ct_over_diffusion_time']:.3f}   rebuild {ratios['rebuild_s']:.1f} s "
-          f"({args.partition_points} JVPs at batch {b}, {ratios['jvps_per_s']:.2f} JVP/s)")
+        print(f"  {name:<52} {rate:10.1f} img/s")
+    print(f"  ADCM/ECT time: {ratios['adcm_over_ect_time_paper_period']:.3f} (rebuild every {PAPER_REBUILD_EVERY}), "
+          f"{ratios['adcm_over_ect_time_params_period']:.3f} (every {run_period}); step alone "
+          f"{ratios['adcm_step_over_ect_step_time']:.3f}")
+    print(f"  CT/diffusion time {ratios['ct_over_diffusion_time']:.3f}   "
+          f"sCT/ECT time {ratios['sct_over_ect_time']:.3f}")
+    print(f"  partition rebuild: {rebuild_s:.1f} s for |T| = {args.partition_points} "
+          f"({ratios['jvps_per_s']:.2f} JVP/s at batch {pb})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"network": args.network, "parameters": params_count, "batch": b,
-                                    "device": device_name, "threads": torch.get_num_threads(),
-                                    "img_per_s": dict(table), "ratios": ratios, "seconds": results}, indent=2))
+    args.out.write_text(json.dumps({
+        "network": args.network, "parameters": params_count, "batch": b, "device": device_name,
+        "threads": torch.get_num_threads(), "fast_path": dataclasses.asdict(fast),
+        "rounds": args.rounds, "iters": args.iters, "partition_points": args.partition_points,
+        "partition_batch": pb, "img_per_s": dict(table), "ratios": ratios,
+        "seconds": {**{f"{k}_step": v for k, v in steps.items()}, **{f"sample_{k}": v for k, v in sampling.items()},
+                    "jvp": jvp_s}}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

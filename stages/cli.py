@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import prepare, sample, schedule, score, teacher, train
+from stages import prepare, sample, schedule, score, study, teacher, train
 
 app = typer.Typer(
     name="adcm",
@@ -21,6 +21,7 @@ train.register(app)
 schedule.register(app)
 sample.register(app)
 score.register(app)
+study.register(app)
 
 
 def main() -> None:

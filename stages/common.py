@@ -21,6 +21,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 PARAMS_OPTION = typer.Option(
     Path("params.yaml"), "--params", help="Params file; the whole file is validated before any work starts."
 )
+SET_OPTION = typer.Option(
+    [], "--set", "-S", help="Override a params key for this run only, KEY=VALUE (YAML value), repeatable, e.g. "
+    "-S lambda=0.1 -S train.duration_kimg=6.4; validated like the file.")
 
 #: Errors that are the user's to fix: printed as one line, exit status 1 (params errors: 2).
 USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, CheckpointError, DownloadError, FileNotFoundError)
@@ -32,10 +35,10 @@ def register_user_error(*types_: type[BaseException]) -> None:
     USER_ERRORS = (*USER_ERRORS, *types_)
 
 
-def read_params(path: Path) -> Params:
-    """Load and validate the params file; a problem exits with status 2 and one line."""
+def read_params(path: Path, overrides: list[str] | None = None) -> Params:
+    """Load and validate the params file (plus ``--set`` overrides); a problem exits with status 2 and one line."""
     try:
-        return load_params(path)
+        return load_params(path, overrides or ())
     except ParamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -17,16 +17,17 @@ from adcm.data import (
     read_image_folder,
     write_prepared,
 )
-from stages.common import PARAMS_OPTION, params_epilog, read_params, user_errors
+from stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 
 @user_errors
 def prepare(
     params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
     out_dir: Path = typer.Option(Path("data/prepared"), help="Output directory: dataset.npz and dataset.json."),
 ) -> None:
     """Prepare the training images: (N, C, H, W) uint8 + labels in dataset.npz, a summary in dataset.json."""
-    cfg = read_params(params).prepare
+    cfg = read_params(params, set_).prepare
     source = Path(cfg.source)
     if cfg.dataset == "cifar10" and not source.is_file():
         raise DatasetError(f"{source}: prepare.source must be the path of cifar-10-python.tar.gz (file not found)")

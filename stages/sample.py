@@ -18,7 +18,7 @@ from adcm.images import save_grid
 from adcm.io import atomic_path
 from adcm.processes import coordinates, make_process
 from adcm.training import resolve_device
-from stages.common import PARAMS_OPTION, params_epilog, read_params, user_errors
+from stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 
 class Sampler(str, enum.Enum):
@@ -33,6 +33,7 @@ class Sampler(str, enum.Enum):
 def sample(
     sampler: Sampler = typer.Option(..., help="1step / 2step (consistency model) or teacher (Heun, EDM)."),
     params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
     model: Path = typer.Option(..., help="models/student.pt for 1step/2step, models/teacher.pt for teacher."),
     data: Path = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared data: the class distribution "
                               "of conditional models."),
@@ -43,7 +44,7 @@ def sample(
     """Draw sample.num_images images; image i depends only on seed sample.first_seed + i.
 
     1step/2step sample the consistency model in its own process (the student file records it; 2step's intermediate point is sample.t_mid.<method>, a VE σ converted to that process's time); teacher runs EDM's Heun sampler on the teacher (teacher.sampler's σ range and ρ, sample.teacher_steps levels) in VE coordinates. """
-    p = read_params(params)
+    p = read_params(params, set_)
     cfg = p.sample
     device = resolve_device(cfg.device)
     file = load_teacher(model)

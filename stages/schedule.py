@@ -14,18 +14,19 @@ from adcm.checkpoint import CheckpointError, load_teacher
 from adcm.io import atomic_write_text
 from adcm.processes import make_process
 from adcm.schedule import ect_steps, ict_steps, partition_rows, plot_schedules, schedule_summary
-from stages.common import PARAMS_OPTION, params_epilog, read_params, user_errors, write_json
+from stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors, write_json
 
 
 @user_errors
 def schedule(
     params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
     student: Path = typer.Option(Path("models/student.pt"), help="Consistency model (output of `adcm train`)."),
     out_dir: Path = typer.Option(Path("reports/schedule"), help="schedule.json, schedule.csv and schedule.png."),
     metrics: Path = typer.Option(Path("metrics/schedule.json"), help="JSON metrics: |T|, smallest/largest Δt."),
 ) -> None:
     """Write every partition built during training (t and Δt per point, per rebuild, in the process's own time and as noise-to-signal ratios ρ) as JSON and CSV, metrics of the latest one, and a log–log PNG of Δt(t) against ECT's and iCT's at the same stage (paper Fig. 4)."""
-    p = read_params(params)
+    p = read_params(params, set_)
     model = load_teacher(student)
     meta = model.meta
     if meta.get("kind") != "consistency":

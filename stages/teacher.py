@@ -18,7 +18,15 @@ from adcm.images import save_grid
 from adcm.io import sha256_file
 from adcm.teacher import TrainingError, checkpoint_matches, sample_teacher, train_teacher
 from adcm.training import resolve_device
-from stages.common import PARAMS_OPTION, params_epilog, read_params, register_user_error, user_errors, write_json
+from stages.common import (
+    PARAMS_OPTION,
+    SET_OPTION,
+    params_epilog,
+    read_params,
+    register_user_error,
+    user_errors,
+    write_json,
+)
 
 register_user_error(EDMFormatError, UnsafePickleError, TrainingError)
 
@@ -33,6 +41,7 @@ class OnConfigChange(str, enum.Enum):
 @user_errors
 def teacher(
     params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
     data: Path = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared images (output of `adcm prepare`)."),
     out: Path = typer.Option(Path("models/teacher.pt"), help="Teacher file written (loadable with "
                              "torch.load(..., weights_only=True)): network settings + EMA weights, EDM's names."),
@@ -50,7 +59,7 @@ def teacher(
     """Produce the diffusion teacher: train one in `process` (EDM loss for ve, velocity loss for fm, TrigFlow diffusion loss for trigflow; Adam, EMA) or convert EDM's pickle (a ve teacher).
 
     Every source writes the same teacher file; the command ends by drawing a sample grid with EDM's deterministic Heun sampler (teacher.sampler; 18 steps = 35 NFE), run in VE coordinates for every process. """
-    p: Params = read_params(params)
+    p: Params = read_params(params, set_)
     cfg = p.teacher
     device = resolve_device(cfg.device)
     started = time.perf_counter()

@@ -24,7 +24,15 @@ from adcm.discretization import PartitionTooLongError
 from adcm.images import save_grid
 from adcm.io import sha256_file
 from adcm.training import resolve_device
-from stages.common import PARAMS_OPTION, params_epilog, read_params, register_user_error, user_errors, write_json
+from stages.common import (
+    PARAMS_OPTION,
+    SET_OPTION,
+    params_epilog,
+    read_params,
+    register_user_error,
+    user_errors,
+    write_json,
+)
 from stages.teacher import OnConfigChange
 
 register_user_error(TrainingError, PartitionTooLongError)
@@ -33,6 +41,7 @@ register_user_error(TrainingError, PartitionTooLongError)
 @user_errors
 def train(
     params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
     data: Path = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared images (output of `adcm prepare`)."),
     teacher: Path = typer.Option(Path("models/teacher.pt"), help="Teacher file (output of `adcm teacher`)."),
     out: Path = typer.Option(Path("models/student.pt"), help="Consistency model written: EMA weights, network "
@@ -51,7 +60,7 @@ def train(
     """Consistency-train a one-step generator from the teacher (algorithm.md §3, §4).
 
     `method: adcm` builds the adaptive partition (paper Eq. 10, Alg. 1) from the teacher before the first step and rebuilds it every train.adcm.rebuild_every_iters; `ect` and `ict` use their hand-made schedules; `sct` is continuous-time training in TrigFlow (one JVP per step). `process` (ve, fm, trigflow) is the forward process; sCT converts a VE or FM teacher to TrigFlow exactly. Run several processes with `torchrun --nproc-per-node N -m adcm train` (DDP; gloo on CPU, NCCL on CUDA); only rank 0 writes files. """
-    p = read_params(params)
+    p = read_params(params, set_)
     cfg = p.train
     device = resolve_device(cfg.device)
     info = init_distributed(device)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import synthetic_dataset, tiny_params, write_params
@@ -206,3 +207,46 @@ def test_fast_path_switches_match_the_plain_fp32_step() -> None:
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
     for name, value in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("method", "process"), [("sct", "ve"), ("adcm", "fm"), ("ect", "trigflow")])
+def test_teacher_train_sample_schedule_pipeline_per_process(tmp_path: Path, method: str, process: str) -> None:
+    """The stages chained on a tiny config for a process/method pair: teacher (trained in that process),
+    train, sample (1 step, 2 steps, teacher Heun) and schedule, each reading the files of the one before."""
+    from adcm.data import write_prepared
+
+    data = tmp_path / "dataset.npz"
+    write_prepared(synthetic_dataset(), data, tmp_path / "dataset.json")
+    params = write_params(tmp_path / "params.yaml", tiny_params({
+        **TRAIN_TINY, "method": method, "process": process, "sample.num_images": 4, "sample.batch_size": 4,
+        "sample.teacher_steps": 3, "sample.grid_rows": 2, "sample.device": "cpu"}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["teacher", "--params", str(params), "--data", str(data), "--out",
+                                 str(tmp_path / "teacher.pt"), "--grid", str(tmp_path / "tgrid.png"), "--metrics",
+                                 str(tmp_path / "teacher.json"), "--checkpoint-dir", str(tmp_path / "tckpt"),
+                                 "--log-dir", str(tmp_path / "tlive"), "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    teacher = load_teacher(tmp_path / "teacher.pt")
+    assert teacher.process == process and json.loads((tmp_path / "teacher.json").read_text())["process"] == process
+    result = runner.invoke(app, _train_args(tmp_path, data, tmp_path / "teacher.pt", params), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    student = load_teacher(tmp_path / "student.pt")
+    expected = "trigflow" if method == "sct" else process
+    assert (student.process, student.source, student.meta["method"]) == (expected, process, method)
+    assert json.loads((tmp_path / "train.json").read_text())["process"] == expected
+    for sampler, model in (("1step", "student.pt"), ("2step", "student.pt"), ("teacher", "teacher.pt")):
+        result = runner.invoke(app, ["sample", "--sampler", sampler, "--params", str(params), "--model",
+                                     str(tmp_path / model), "--data", str(data), "--out",
+                                     str(tmp_path / f"{sampler}.npz"), "--grid", str(tmp_path / f"{sampler}.png"),
+                                     "--no-progress"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    one, two = (np.load(tmp_path / f"{k}.npz")["images"] for k in ("1step", "2step"))
+    assert one.shape == two.shape == (4, 1, 8, 8) and not np.array_equal(one, two)
+    result = runner.invoke(app, ["schedule", "--params", str(params), "--student", str(tmp_path / "student.pt"),
+                                 "--out-dir", str(tmp_path / "sched"), "--metrics", str(tmp_path / "sched.json")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    sched = json.loads((tmp_path / "sched" / "schedule.json").read_text())
+    assert sched["process"] == expected and len(sched["partitions"]) == (2 if method == "adcm" else 0)
+    assert sched["ect"]["t"] and all(0 < t <= sched["t_max"] for t in sched["ect"]["t"])
+    assert (tmp_path / "sched" / "schedule.png").stat().st_size > 1000

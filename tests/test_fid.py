@@ -442,3 +442,18 @@ def test_real_inception_matches_clean_fid_own_extractor(tmp_path: Path, no_netwo
     extractor = build_extractor(weights, CPU)
     ours = fid_from_images(set2, *feature_stats(image_features(set1, extractor, 6, CPU)), extractor, 6, CPU)
     assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [30, 3000])
+def test_eigen_frechet_distance_matches_clean_fid_sqrtm(n: int) -> None:
+    """Our eigendecomposition route equals clean-fid's scipy.linalg.sqrtm route on 2048-d statistics,
+    full-rank (3000 samples) and rank-deficient (30 samples) alike."""
+    from adcm.fid import cleanfid_frechet_distance
+
+    rng = np.random.default_rng(n)
+    mix = rng.standard_normal((2048, 2048)) / 60
+    f1 = np.abs(rng.standard_normal((n, 2048)) @ mix)
+    f2 = np.abs(rng.standard_normal((3000, 2048)) @ mix) * 1.2 + 0.05
+    s1, s2 = feature_stats(f1), feature_stats(f2)
+    ours, theirs = frechet_distance(*s1, *s2), cleanfid_frechet_distance(*s1, *s2)
+    assert theirs > 1 and ours == pytest.approx(theirs, rel=1e-6)

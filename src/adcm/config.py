@@ -17,6 +17,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,11 +41,16 @@ __all__ = [
     "SampleConfig",
     "SamplerConfig",
     "ScoreConfig",
+    "StudyArm",
+    "StudyConfig",
+    "StudyScale",
     "TMidConfig",
     "TeacherConfig",
     "TrainConfig",
+    "apply_override",
     "describe",
     "load_params",
+    "load_study",
     "parse_params",
 ]
 
@@ -305,6 +311,71 @@ class Params:
     score: ScoreConfig = param("FID")
 
 
+@dataclass(frozen=True)
+class StudyArm:
+    """One arm of the study: a method (and λ, process) trained from the shared teacher."""
+
+    name: str = param("identifier used in file names and tables (letters, digits, '.', '-', '_')")
+    method: Method = param("adcm, ect, ict or sct")
+    lam: float | None = param("ADCM's λ (null for the other methods)", ge=0, key="lambda")
+    process: ProcessName = param("forward process (its teacher is trained in that process)")
+    overrides: tuple[str, ...] | None = param("extra params.yaml overrides KEY=VALUE for this arm only (null = none)")
+
+
+@dataclass(frozen=True)
+class StudyScale:
+    """Budget, evaluation points, seeds and FID size of one variant of the study (full or quick)."""
+
+    budget_kimg: float = param("training budget of every arm, thousands of images (equal for all)", gt=0)
+    eval_kimg: tuple[float, ...] = param("points of the budget where FID is measured (the last = budget_kimg)", gt=0)
+    seeds: tuple[int, ...] = param("training seeds of every arm (≥ 2 for a spread)", ge=0)
+    fid_images: int = param("generated images per FID, 1-step and 2-step alike; image i uses seed i", gt=0)
+    overrides: tuple[str, ...] | None = param("params.yaml overrides KEY=VALUE for every run (null = none)")
+    arms: tuple[str, ...] | None = param("names of the arms to run (null = all of `arms`)")
+    process_arms: tuple[str, ...] | None = param("names of the method × process arms to run (null = all)")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """`adcm study`: the equal-budget comparison (issue: does adaptive discretization win?)."""
+
+    full: StudyScale = param("the study as reported")
+    quick: StudyScale = param("a CI-sized variant of the same code path (`--quick`)")
+    arms: tuple[StudyArm, ...] = param("the compared arms, each trained for every seed")
+    process_arms: tuple[StudyArm, ...] = param("the method × process table (first seed only, FID at the budget)")
+
+
+def load_study(path: Path) -> StudyConfig:
+    """Read the study's params file strictly (same rules as :func:`load_params`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: study params file not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    study = _build(StudyConfig, data, "", str(path))
+    names = [a.name for a in (*study.arms, *study.process_arms)]
+    for arm in (*study.arms, *study.process_arms):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", arm.name):
+            raise ParamsError(f"{path}: arms: name {arm.name!r}: use letters, digits, '.', '-', '_'")
+        if (arm.method == "adcm") != (arm.lam is not None):
+            raise ParamsError(f"{path}: arms.{arm.name}.lambda: expected a number for adcm and null otherwise")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ParamsError(f"{path}: arms: duplicate names {dupes}")
+    for which in ("full", "quick"):
+        scale = getattr(study, which)
+        for key, pool in (("arms", study.arms), ("process_arms", study.process_arms)):
+            unknown = sorted(set(getattr(scale, key) or ()) - {a.name for a in pool})
+            if unknown:
+                raise ParamsError(f"{path}: {which}.{key}: unknown arm names {unknown}")
+        if max(scale.eval_kimg) != scale.budget_kimg:
+            raise ParamsError(f"{path}: {which}.eval_kimg: expected its largest entry to be budget_kimg "
+                              f"({scale.budget_kimg}), got {list(scale.eval_kimg)}")
+    return study
+
+
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -507,8 +578,13 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
     return params
 
 
-def load_params(path: Path) -> Params:
-    """Read ``path`` strictly; raise :class:`ParamsError` (one line naming the key) on any problem."""
+def load_params(path: Path, overrides: Sequence[str] = ()) -> Params:
+    """Read ``path`` strictly; raise :class:`ParamsError` (one line naming the key) on any problem.
+
+    ``overrides`` are ``dotted.key=value`` strings (value parsed as YAML, e.g. ``lambda=0.1``,
+    ``train.sct.adaptive_weight=false``) applied before validation, like ``dvc exp run -S``; a key
+    that does not exist is an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
@@ -518,7 +594,29 @@ def load_params(path: Path) -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    for item in overrides:
+        apply_override(data, item, str(path))
     return parse_params(data, str(path))
+
+
+def apply_override(data: Any, item: str, source: str = "params") -> None:
+    """Set ``dotted.key`` of the nested mapping ``data`` to the YAML value of ``item = 'dotted.key=value'``."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"{source}: --set {item!r}: expected KEY=VALUE, e.g. lambda=0.1")
+    try:
+        value = yaml.load(text, Loader=_Loader) if text.strip() else None
+    except yaml.YAMLError:
+        raise ParamsError(f"{source}: --set {item!r}: the value is not valid YAML") from None
+    *parents, last = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parents):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            raise ParamsError(f"{source}: --set {item!r}: unknown key '{'.'.join(parents[:i + 1])}'")
+        node = node[part]
+    if not isinstance(node, dict) or last not in node:
+        raise ParamsError(f"{source}: --set {item!r}: unknown key '{key.strip()}'")
+    node[last] = value
 
 
 def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:
