@@ -363,3 +363,19 @@ def test_sct_times_follow_the_proposal() -> None:
     tau = torch.log(SD * torch.tan(t.double()))
     assert float(tau.mean()) == pytest.approx(-1.0, abs=0.03)
     assert float(tau.std()) == pytest.approx(1.4, abs=0.03)
+
+
+def test_forward_ad_jvp_equals_torch_func_jvp() -> None:
+    """adcm.jvp (dual tensors) computes what torch.func.jvp computes, through the whole wrapper."""
+    from adcm.jvp import jvp
+
+    f = VEPrecond(_backbone(), SD, 0.002)
+    x0, z = _data()
+    t = torch.tensor([0.01, 0.7, 30.0], dtype=F64)
+    x_t = x0 + t.reshape(-1, 1, 1, 1) * z
+    ours = jvp(f, (x_t, t), (z, torch.ones_like(t)))
+    with torch.no_grad():
+        theirs = torch.func.jvp(f, (x_t, t), (z, torch.ones_like(t)))
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-10, atol=1e-12)
+    assert not any(p.grad is not None for p in f.parameters())

@@ -34,7 +34,6 @@ from ``state_dict`` is bit-exact. Partition points are float64; sampled ``t``/``
 from __future__ import annotations
 
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from adcm.jvp import jvp
 from adcm.processes import ForwardProcess
 
 __all__ = [
@@ -487,8 +487,9 @@ def lam_factor(lam: float) -> float:
 def consistency_velocity(fn: ConsistencyFn, x_t: Tensor, t: Tensor, dx_dt: Tensor) -> tuple[Tensor, Tensor]:
     """f⁻(x_t, t) and v = d f⁻(x_t, t)/dt along the forward path, by ONE forward-mode JVP.
 
-    v = ∂_x f⁻ · dx_t/dt + ∂_t f⁻, i.e. ``torch.func.jvp`` of the *whole* (preconditioned) f⁻ at
-    primal (x_t, t) with tangent (dx_t/dt, 1) (ADCM paper Eq. 10; algorithm.md §3.3, §5). Runs under
+    v = ∂_x f⁻ · dx_t/dt + ∂_t f⁻, i.e. a forward-mode JVP (:func:`adcm.jvp.jvp`) of the *whole*
+    (preconditioned) f⁻ at primal (x_t, t) with tangent (dx_t/dt, 1) (ADCM paper Eq. 10;
+    algorithm.md §3.3, §5). Runs under
     ``torch.no_grad``: parameters are constants, nothing is recorded for backward.
 
     Args:
@@ -500,11 +501,7 @@ def consistency_velocity(fn: ConsistencyFn, x_t: Tensor, t: Tensor, dx_dt: Tenso
     Returns:
         (f, v), both shaped like ``x_t``.
     """
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch's own first-use registration of JVP decompositions calls the deprecated torch.jit.script
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-        f, v = torch.func.jvp(fn, (x_t, t), (dx_dt, torch.ones_like(t)))
-    return f, v
+    return jvp(fn, (x_t, t), (dx_dt, torch.ones_like(t)))
 
 
 def optimal_step(v: Tensor, e: Tensor, lam: float) -> tuple[float, float, float]:

@@ -13,7 +13,7 @@ and the gradient of the continuous consistency loss, per sample, is proportional
     g = −cos²t·(σ_d F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + J),   J = σ_d·cos t·sin t·dF⁻/dt,
 
 i.e. g = cos t·df⁻/dt with the warm-up factor r = min(1, iteration/warmup) on the second term. J is
-ONE ``torch.func.jvp`` of F⁻ at (x_t, t) with the tangent pre-multiplied by cos t·sin t:
+ONE forward-mode JVP (:func:`adcm.jvp.jvp`) of F⁻ at (x_t, t) with the tangent pre-multiplied by cos t·sin t:
 (cos t·sin t·dx_t/dt, cos t·sin t) — so the ln-tan noise conditioning of a converted EDM backbone,
 whose t-derivative is 1/(4 sin t cos t), stays bounded. Stabilisers (sCM §4): tangent normalisation
 g ← g/(‖g‖ + c) (**decision**: plain L2 over all pixels of a sample), the warm-up, and the adaptive
@@ -24,11 +24,11 @@ the backbone, trained jointly) in loss = mean[e^{−w}·mean_pixels((F − F.det
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor, nn
 
+from adcm.jvp import jvp
 from adcm.networks import Linear, PositionalEmbedding
 from adcm.precond import TrigFlowPrecond
 from adcm.processes import TrigFlowProcess, broadcast_time
@@ -107,9 +107,7 @@ def trigflow_tangent(net: TrigFlowPrecond, x_t: Tensor, t: Tensor, dx_dt: Tensor
     def head(x: Tensor, tt: Tensor) -> Tensor:
         return net.head(x, tt, labels)
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-        return torch.func.jvp(head, (x_t, t), (broadcast_time(cs, x_t) * dx_dt, cs))
+    return jvp(head, (x_t, t), (broadcast_time(cs, x_t) * dx_dt, cs))
 
 
 def sct_batch_loss(
