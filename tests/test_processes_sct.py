@@ -125,13 +125,14 @@ def _wrapper(process: str, eps: float, source: str | None = None, seed: int = 0)
 
 @pytest.mark.parametrize(("process", "source", "eps"), [("ve", None, 0.002), ("fm", None, 0.001),
                                                        ("trigflow", None, 0.004), ("trigflow", "ve", 0.004),
-                                                       ("trigflow", "fm", 0.004), ("trigflow", None, 0.0)])
+                                                       ("trigflow", "fm", 0.004), ("trigflow", None, 0.0),
+                                                       ("trigflow", "ve", 0.0), ("trigflow", "fm", 0.0)])
 def test_boundary_condition_is_exact_for_every_process(process: str, source: str | None, eps: float) -> None:
     f = _wrapper(process, eps, source).float()
     x = torch.randn(4, 2, 8, 8)
     t = torch.full((4,), eps) if eps > 0 else torch.zeros(4)
-    if eps == 0:  # sCM's f(x, 0) = x: evaluate the head at a tiny positive time (ln tan 0 is -inf for "ve")
-        assert torch.equal(torch.cos(t - f.eps).reshape(-1, 1, 1, 1) * x, x)
+    if eps == 0:  # sCM's f(x, 0) = x, also for an EDM backbone (whose c_noise = ln(σ_d tan t)/4 is -inf at 0)
+        assert torch.isfinite(f.head(x, t)).all()
     assert torch.equal(f(x, t), x)
     assert not torch.allclose(f(x, torch.full((4,), 0.3)), x)
 
@@ -220,6 +221,22 @@ def test_ect_on_fm_is_ect_in_the_noise_to_signal_ratio() -> None:
     # On VE the same code is plain ECT: r = ect_r(t)
     ve = ECTDiscretization(VEProcess(), stage_iters=10).sample(100, 15, torch.Generator().manual_seed(0))
     torch.testing.assert_close(ve.r.double(), ect_r(ve.t.double(), 15, 10).float().double())
+
+
+@pytest.mark.parametrize("name", ["fm", "trigflow"])
+def test_ect_late_stages_keep_r_below_t_in_float32(name: str) -> None:
+    """At stage 30 ECT's Δρ is far below float32 resolution in t near t_max: r is the next float below t
+    (never r ≥ t, never an infinite weight), and the weight is 1/(ρ_t − ρ_r) of the r actually used."""
+    proc = PROCESSES[name]
+    pairs = ECTDiscretization(proc, stage_iters=1).sample(4000, 30, torch.Generator().manual_seed(0))
+    rho_t, rho_r = proc.noise_to_signal(pairs.t.double()), proc.noise_to_signal(pairs.r.double())
+    exact_r = proc.time_from_noise_to_signal(ect_r(rho_t, 30, 1)).float()
+    clamped = exact_r >= pairs.t
+    assert bool(clamped.any()), "the test should reach the float32 limit"
+    assert bool((pairs.r < pairs.t).all()) and bool(torch.isfinite(pairs.weight).all())
+    torch.testing.assert_close(pairs.r[clamped], torch.nextafter(pairs.t[clamped], torch.tensor(0.0)), rtol=0, atol=0)
+    torch.testing.assert_close(pairs.r[~clamped], exact_r[~clamped], rtol=0, atol=0)
+    torch.testing.assert_close(pairs.weight.double(), (1 / (rho_t - rho_r)).float().double(), rtol=0, atol=0)
 
 
 def test_ict_on_trigflow_uses_the_karras_grid_in_rho() -> None:

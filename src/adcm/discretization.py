@@ -308,7 +308,9 @@ class ECTDiscretization(Discretization):
     clipping would put point masses at ε (where the loss is identically zero) and at t_max (≈ 0.5 %
     and 0.3 % of samples for −1.1/2.0); truncation matches the normalised interval masses used by
     iCT and ADCM. After the float32 cast t is clamped to [nextafter(float32(ε), ∞), float32(t_max)]
-    to keep ε < t strictly.
+    to keep ε < t strictly, and r to at most nextafter(t, 0): in late stages on FM/TrigFlow, near
+    t_max, ECT's Δρ is below float32 resolution in t, and the pair becomes the closest representable
+    one (its weight 1/(ρ_t − ρ_r) computed from the actual r, so finite) instead of an error.
     """
 
     def __init__(
@@ -349,8 +351,9 @@ class ECTDiscretization(Discretization):
         nsr = self.process.noise_to_signal
         rho_r = ect_r(nsr(t.double()), iteration, self.stage_iters, self.k, self.b, self.q)
         r = self.process.time_from_noise_to_signal(rho_r).float()
-        if not bool((r < t).all()):  # Δt below float32 resolution: weight 1/(t − r) would be inf
-            raise ValueError(f"ECT stage {iteration // self.stage_iters} makes t - r vanish in float32")
+        # Late stages can put r within float32 resolution of t (FM/TrigFlow near t_max): take the next
+        # float below t instead, so that Δt > 0 and the weight below (from the actual r) stays finite.
+        r = torch.minimum(r, torch.nextafter(t, torch.zeros_like(t)))
         weight = (1.0 / (nsr(t.double()) - nsr(r.double()))).float()
         return PairBatch(t=t, r=r, weight=weight)
 

@@ -161,8 +161,10 @@ class TrigFlowPrecond(Precond):
         if self.source == "trigflow":
             return torch.zeros_like(t), torch.ones_like(t), torch.full_like(t, 1.0 / sd), t
         if self.source == "ve":
-            return torch.zeros_like(t), torch.full_like(t, -1.0), torch.full_like(t, 1.0 / sd), torch.log(
-                sd * torch.tan(t)) / 4
+            # c_noise = ln(σ)/4 with σ = σ_d·tan t, floored at the dtype's smallest normal number so that
+            # t = 0 (where the head is multiplied by sin(t − ε) = 0) gives f(x, 0) = x, not NaN.
+            sigma = (sd * torch.tan(t)).clamp_min(torch.finfo(t.dtype).tiny)
+            return torch.zeros_like(t), torch.full_like(t, -1.0), torch.full_like(t, 1.0 / sd), torch.log(sigma) / 4
         cos, sin = torch.cos(t), torch.sin(t)
         d = cos + sd * sin
         return (sd * cos - sin) / (sd * d), 1.0 / d, 1.0 / d, sd * sin / d
