@@ -37,6 +37,8 @@ study_app = typer.Typer(help="The equal-budget study (study/params.yaml; `dvc re
 STUDY_OPTION = typer.Option(Path("study/params.yaml"), "--study", help="The study's own params file (arms, "
                             "budget, evaluation points, seeds, FID size).")
 QUICK_OPTION = typer.Option(False, "--quick", help="The CI-sized variant (the study file's `quick` section).")
+DATA_OPTION = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared training images.")
+REF_STATS_OPTION = typer.Option(Path("data/fid/reference.npz"), help="Reference FID statistics (shared).")
 
 
 def _scale(study: StudyConfig, quick: bool) -> StudyScale:
@@ -118,8 +120,8 @@ def run(
     study: Path = STUDY_OPTION,
     quick: bool = QUICK_OPTION,
     teacher: Path = typer.Option(Path("models/teacher.pt"), help="The shared teacher (of the arm's process)."),
-    data: Path = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared training images."),
-    ref_stats: Path = typer.Option(Path("data/fid/reference.npz"), help="Reference FID statistics (shared)."),
+    data: Path = DATA_OPTION,
+    ref_stats: Path = REF_STATS_OPTION,
     out: Path = typer.Option(..., help="Run record (JSON), rewritten after each evaluation point."),
     checkpoint: Path = typer.Option(..., help="Resumable training state of this run."),
     final_only: bool = typer.Option(False, help="Evaluate at the budget only (the method × process table)."),
@@ -138,8 +140,8 @@ def ceiling(
     study: Path = STUDY_OPTION,
     quick: bool = QUICK_OPTION,
     teacher: Path = typer.Option(Path("models/teacher.pt"), help="The teacher."),
-    data: Path = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared training images."),
-    ref_stats: Path = typer.Option(Path("data/fid/reference.npz"), help="Reference FID statistics (shared)."),
+    data: Path = DATA_OPTION,
+    ref_stats: Path = REF_STATS_OPTION,
     out: Path = typer.Option(..., help="Record (JSON) with the teacher's FID."),
 ) -> None:
     """The teacher's FID with EDM's Heun sampler (sample.teacher_steps levels; 35 NFE) at the study's N: the ceiling."""
@@ -186,7 +188,7 @@ def run_all(
     params: Path = PARAMS_OPTION,
     study: Path = STUDY_OPTION,
     quick: bool = QUICK_OPTION,
-    data: Path = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared training images."),
+    data: Path = DATA_OPTION,
     teacher: Path | None = typer.Option(None, help="The VE teacher to share (default: train one into the work dir)."),
     work_dir: Path = typer.Option(Path("study"), help="Teachers, reference statistics, checkpoints, run records."),
     out_dir: Path = typer.Option(Path("reports/study"), help="The report."),
