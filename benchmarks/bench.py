@@ -33,6 +33,7 @@ import torch
 from adcm.config import load_params
 from adcm.consistency import FastPath, consistency_batch_loss, make_discretization, set_dropout
 from adcm.discretization import consistency_velocity
+from adcm.io import atomic_write_text
 from adcm.losses import edm_loss
 from adcm.precond import TrigFlowPrecond, consistency_function, denoiser
 from adcm.processes import TrigFlowProcess, VEProcess
@@ -222,8 +223,7 @@ def main() -> None:
           f"sCT/ECT time {ratios['sct_over_ect_time']:.3f}")
     print(f"  partition rebuild: {rebuild_s:.1f} s for |T| = {args.partition_points} "
           f"({ratios['jvps_per_s']:.2f} JVP/s at batch {pb})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    atomic_write_text(args.out, json.dumps({
         "network": args.network, "parameters": params_count, "batch": b, "device": device_name,
         "threads": torch.get_num_threads(), "fast_path": dataclasses.asdict(fast),
         "rounds": args.rounds, "iters": args.iters, "partition_points": args.partition_points,

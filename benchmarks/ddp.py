@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from adcm.checkpoint import load_teacher
+from adcm.io import atomic_write_text
 
 
 def main() -> None:
@@ -70,10 +71,10 @@ def main() -> None:
     for n, r in results.items():
         print(f"  {n} process(es) × {r['threads_per_process']} threads: {r['img_per_s']:8.1f} img/s")
     print(f"  speed-up {speedup:.2f}×; largest relative EMA weight difference vs 1 process: {diff:.2e}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"method": args.method, "iters": args.iters, "cores": cores, "device": args.device,
-                                    "img_per_s": {str(n): r["img_per_s"] for n, r in results.items()},
-                                    "speedup": speedup, "max_rel_weight_diff": diff}, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps({
+        "method": args.method, "iters": args.iters, "cores": cores, "device": args.device,
+        "img_per_s": {str(n): r["img_per_s"] for n, r in results.items()},
+        "speedup": speedup, "max_rel_weight_diff": diff}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
