@@ -82,6 +82,8 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert all(row["seeds"] == list(quick.seeds) for row in summary["rows"])
     table = (tmp_path / "report" / "results.md").read_text()
     assert "± " in table and "Method × process" in table and "fm: 1-step / 2-step" in table
+    arm_table = table.split("## Method × process")[0]  # the ve arms: only the ve teacher's ceiling
+    assert "teacher (ve, Heun" in arm_table and "teacher (fm" not in arm_table and "teacher (trigflow" not in arm_table
     for png in ("fid_vs_kimg.png", "schedules.png"):
         assert (tmp_path / "report" / png).stat().st_size > 5000
 
