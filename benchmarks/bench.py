@@ -4,7 +4,8 @@
     python benchmarks/bench.py --fid                # also Inception feature extraction
     python benchmarks/bench.py --network cifar10 --batch 128 --device cuda   # the paper's DDPM++ (55.7M)
 
-Measured, each as images/s of one optimizer step (forward, backward, optimizer, EMA not included):
+Measured, each as images/s of one real optimizer step of the training loop
+(:meth:`adcm.train.loop.Trainer.step`: draws, forward, backward, optimizer, EMA):
 diffusion training (EDM loss), ECT, iCT, ADCM (its partition rebuild amortised at the configured period
 and at the paper's 25k iterations) and sCT (one JVP per step). Also one ADCM partition rebuild (|T| JVPs at
 the partition batch size), sampling (1 step, 2 steps, the teacher's Heun 35 NFE) and FID features.
@@ -18,7 +19,6 @@ TF32, fused/foreach optimizer). Not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -28,23 +28,40 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from adcm.config import load_params
-from adcm.consistency import FastPath, consistency_batch_loss, make_discretization, set_dropout
-from adcm.discretization import consistency_velocity
-from adcm.io import atomic_write_text
-from adcm.losses import edm_loss
-from adcm.precond import TrigFlowPrecond, consistency_function, denoiser
-from adcm.processes import TrigFlowProcess, VEProcess
-from adcm.samplers import consistency_sample, heun_sample, karras_sigmas
-from adcm.sct import LogVarianceHead, SCTModule, sample_sct_times, sct_batch_loss
-from adcm.teacher import network_kwargs_for
+from adcm.config import Params, load_params
+from adcm.io.datasets import ImageDataset
+from adcm.io.files import atomic_write_text
+from adcm.io.model_files import TeacherFile
+from adcm.method.adcm import adcm_step
+from adcm.nets.precond import denoiser
+from adcm.processes import VEProcess, coordinates
+from adcm.sampling.generate import ConsistencySampler, HeunSampler, generate
+from adcm.train.batches import BatchSource
+from adcm.train.loop import Trainer
+from adcm.train.runs import network_kwargs_for, student_spec, teacher_spec
 
-CIFAR10 = dict(img_resolution=32, in_channels=3, out_channels=3, label_dim=0, augment_dim=9, model_channels=128,
-               channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4, attn_resolutions=[16], dropout=0.2,
-               label_dropout=0.0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-               decoder_type="standard", resample_filter=[1, 1])
+CIFAR10 = dict(
+    img_resolution=32,
+    in_channels=3,
+    out_channels=3,
+    label_dim=0,
+    augment_dim=9,
+    model_channels=128,
+    channel_mult=[2, 2, 2],
+    channel_mult_emb=4,
+    num_blocks=4,
+    attn_resolutions=[16],
+    dropout=0.2,
+    label_dropout=0.0,
+    embedding_type="positional",
+    channel_mult_noise=1,
+    encoder_type="standard",
+    decoder_type="standard",
+    resample_filter=[1, 1],
+)
 PAPER_REBUILD_EVERY = 25_000
 
 
@@ -69,6 +86,18 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int, iters: int, dev
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _trainer(
+    params: Params, method: str | None, teacher: TeacherFile, data: ImageDataset, device: torch.device
+) -> Trainer:
+    """The real training step of ``method`` (None: the teacher's diffusion step) on ``data``."""
+    batches = BatchSource(data.images, data.labels, 0, False, device)
+    if method is None:  # the teacher's run settings, on the benchmarked network
+        spec = dataclasses.replace(teacher_spec(params, data, "bench"), net=teacher.denoiser())
+    else:
+        spec = student_spec(params, teacher, data, teacher_id="bench", data_id="bench", world_size=1, device=device)
+    return Trainer(spec, batches, device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -77,108 +106,94 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is kept)")
     ap.add_argument("--iters", type=int, default=3, help="steps per configuration and round")
     ap.add_argument("--jvps", type=int, default=20, help="JVPs timed for the rebuild rate")
-    ap.add_argument("--partition-points", type=int, default=1044,
-                    help="|T| of a rebuild (1044: measured on the embedded default at λ = 0.01)")
+    ap.add_argument(
+        "--partition-points",
+        type=int,
+        default=1044,
+        help="|T| of a rebuild (1044: measured on the embedded default at λ = 0.01)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fid", action="store_true", help="also time Inception feature extraction")
     ap.add_argument("--out", type=Path, default=Path("reports/bench/bench.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
-    params = load_params(args.params)
+    sets = [
+        f"train.batch_size={args.batch}",
+        "train.batch_per_step=null",
+        f"teacher.batch_size={args.batch}",
+        "teacher.batch_per_step=null",
+        "process=ve",
+    ]
+    params = load_params(args.params, sets)
     cfg = params.train
     ve = VEProcess(eps=params.processes.ve.eps, t_max=params.processes.ve.t_max)
-    trig = TrigFlowProcess(eps=math.atan(ve.eps / 0.5), t_max=math.atan(ve.t_max / 0.5))
     if args.network == "cifar10":
         kwargs = dict(CIFAR10)
     else:
         channels = 1 if params.prepare.dataset == "fashion-mnist" else 3
         kwargs = network_kwargs_for(params.teacher.network, params.prepare.resolution, channels, 0)
     shape = (args.batch, kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
-    fast = FastPath.for_device(cfg, device)
-
+    rng = np.random.default_rng(0)
+    data = ImageDataset(
+        rng.integers(0, 256, size=(max(4 * args.batch, 256), *shape[1:]), dtype=np.uint8), None, "bench", None
+    )
     torch.manual_seed(0)
-    net = consistency_function(kwargs, 0.5, ve.eps).to(device).train()
-    set_dropout(net, cfg.dropout)
-    net.requires_grad_(True)
-    for name, p in net.named_parameters():
-        if name.startswith("model.map_augment"):
-            p.requires_grad_(False)
-    fast.apply(net)
-    den = denoiser(kwargs, 0.5).to(device).train()
-    den.load_state_dict(net.state_dict())
-    fast.apply(den)
-    trig_net = TrigFlowPrecond(copy.deepcopy(net.model), 0.5, 0.0, "ve").to(device).train()
-    sct_module = SCTModule(trig_net, LogVarianceHead(cfg.sct.weight_channels).to(device))
-    params_count = sum(p.numel() for p in net.parameters())
-    opt = fast.optimizer(net, cfg)
-    opt_d = fast.optimizer(den, cfg)
-    opt_s = fast.optimizer(sct_module, cfg)
-    gen = torch.Generator().manual_seed(0)
-    x0 = (torch.rand(shape, generator=gen) * 2 - 1).to(device)
-    if fast.channels_last:
-        x0 = x0.contiguous(memory_format=torch.channels_last)
+    teacher = TeacherFile(kwargs, 0.5, denoiser(kwargs, 0.5).state_dict(), {"source": "bench"})
+    trainers = {"diffusion": _trainer(params, None, teacher, data, device)}
+    for method in ("ect", "ict", "adcm", "sct"):
+        trainers[method] = _trainer(
+            load_params(args.params, [*sets, f"method={method}"]), method, teacher, data, device
+        )
+    # A geometric partition of the measured size stands in for a built one (its rebuild is timed below).
+    pts = torch.logspace(math.log10(ve.t_max), math.log10(ve.eps), args.partition_points, dtype=torch.float64)
+    trainers["adcm"].objective.load_state_dict({"kind": "adcm", "seed": 0, "partitions": [(0, pts)]})
+    fast = trainers["ect"].spec.settings.fast
+    params_count = sum(p.numel() for p in trainers["ect"].net.parameters())
+    counter = {name: 1 for name in trainers}
 
-    def diffusion_step() -> None:
-        opt_d.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=fast.bf16):
-            loss = edm_loss(den, x0, None, -1.2, 1.2, 0.5, gen).float().mean()
-        loss.backward()
-        opt_d.step()
+    def stepper(name: str) -> Callable[[], None]:
+        def run() -> None:
+            trainers[name].step(counter[name])
+            counter[name] += 1
 
-    def ct_step(method: str) -> Callable[[], None]:
-        disc = make_discretization(method, params.lam, cfg, 100_000, 0, ve)
-        if method == "adcm":  # a geometric partition of the measured size stands in for a built one
-            pts = torch.logspace(math.log10(ve.t_max), math.log10(ve.eps), args.partition_points, dtype=torch.float64)
-            disc.load_state_dict({"kind": "adcm", "seed": 0, "partitions": [(0, pts)]})
-        c = {"adcm": cfg.adcm.huber_c, "ect": cfg.ect.huber_c}.get(method, 0.00054 * math.sqrt(x0[0].numel()))
+        return run
 
-        def step() -> None:
-            pairs = disc.sample(args.batch, 1, gen)
-            z = torch.randn(shape, generator=gen).to(device)
-            w = None if pairs.weight is None else pairs.weight.to(device)
-            opt.zero_grad(set_to_none=True)
-            consistency_batch_loss(net, net, ve, x0, z, pairs.t.to(device), pairs.r.to(device), w, None, c=c,
-                                   bf16=fast.bf16).backward()
-            opt.step()
-        return step
+    steps = interleaved({name: stepper(name) for name in trainers}, args.rounds, args.iters, device)
 
-    def sct_step() -> None:
-        t = sample_sct_times(args.batch, cfg.sct.p_mean, cfg.sct.p_std, trig, gen).to(device)
-        z = torch.randn(shape, generator=gen).to(device)
-        opt_s.zero_grad(set_to_none=True)
-        sct_batch_loss(trig_net, sct_module, x0, z, t, None, ratio=1.0, tangent_norm_c=cfg.sct.tangent_norm_c,
-                       bf16=fast.bf16).backward()
-        opt_s.step()
-
-    steps = interleaved({"diffusion": diffusion_step, "ect": ct_step("ect"), "ict": ct_step("ict"),
-                         "adcm": ct_step("adcm"), "sct": sct_step}, args.rounds, args.iters, device)
-
-    # One partition rebuild: |T| JVPs of the frozen f at the partition batch size (dropout off).
+    # One partition rebuild: |T| evaluations of Eq. 10 (one JVP each) at the partition batch size, dropout off.
     pb = cfg.adcm.partition_batch_size
-    frozen = consistency_function(kwargs, 0.5, ve.eps).to(device).eval()
-    frozen.load_state_dict(net.state_dict())
-    xp, zp = x0[:pb].contiguous(), torch.randn((pb, *shape[1:]), generator=gen).to(device)
-    t_vec = torch.full((pb,), 1.0, device=device)
-    jvp_s = interleaved({"jvp": lambda: consistency_velocity(frozen, xp + zp, t_vec, zp)}, 1, args.jvps,
-                        device)["jvp"]
-    rebuild_s = jvp_s * args.partition_points
+    frozen = teacher.consistency_function(ve.eps).to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    xp = torch.rand((pb, *shape[1:]), generator=gen).to(device) * 2 - 1
+    zp = torch.randn((pb, *shape[1:]), generator=gen).to(device)
+    jvp_s = interleaved({"jvp": lambda: adcm_step(frozen, xp, zp, 1.0, params.lam, ve)}, 1, args.jvps, device)["jvp"]
+    rebuild_s = jvp_s * (args.partition_points - 1)
     total_iters = max(1, math.ceil(cfg.duration_kimg * 1000 / cfg.batch_size))
     run_period = min(cfg.adcm.rebuild_every_iters, total_iters)  # one rebuild per run when the run is shorter
-    amortised = {"params": steps["adcm"] + rebuild_s / run_period,
-                 "paper": steps["adcm"] + rebuild_s / PAPER_REBUILD_EVERY}
+    amortised = {
+        "params": steps["adcm"] + rebuild_s / run_period,
+        "paper": steps["adcm"] + rebuild_s / PAPER_REBUILD_EVERY,
+    }
 
-    z = torch.randn(shape, generator=gen).to(device)
-    with torch.no_grad():
-        sig = karras_sigmas(18, ve.eps, ve.t_max, 7.0).to(device)
-        d_eval = copy.deepcopy(den).eval()
-        sampling = interleaved({
-            "1step": lambda: consistency_sample(frozen, z, ve, [], []),
-            "2step": lambda: consistency_sample(frozen, z, ve, [0.42], [z]),
-            "heun35": lambda: heun_sample(d_eval, z, sig),
-        }, max(1, args.rounds // 2), 1, device)
+    d_eval = teacher.denoiser().to(device)
+    seeds = list(range(args.batch))
+
+    def sample(net: torch.nn.Module, sampler: ConsistencySampler | HeunSampler) -> Callable[[], None]:
+        return lambda: generate(net, sampler, seeds, shape=shape[1:], batch_size=args.batch, device=device)
+
+    sampling = interleaved(
+        {
+            "1step": sample(frozen, ConsistencySampler(ve)),
+            "2step": sample(frozen, ConsistencySampler(ve, (0.42,))),
+            "heun35": sample(d_eval, HeunSampler(coordinates("ve"), 18, ve.eps, ve.t_max)),
+        },
+        max(1, args.rounds // 2),
+        1,
+        device,
+    )
     fid_rate = None
     if args.fid:
-        from adcm.fid import build_extractor, image_features, resolve_inception_weights
+        from adcm.eval.fid import build_extractor, image_features, resolve_inception_weights
 
         ext = build_extractor(resolve_inception_weights(None)[0], device)
         imgs = torch.randint(0, 256, (32, kwargs["in_channels"], 32, 32), dtype=torch.uint8).numpy()
@@ -212,24 +227,50 @@ def main() -> None:
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"network {args.network} ({params_count / 1e6:.2f}M parameters), batch {b}, {device_name}; "
-          f"median of {args.rounds} interleaved rounds × {args.iters} steps")
+    print(
+        f"network {args.network} ({params_count / 1e6:.2f}M parameters), batch {b}, {device_name}; "
+        f"median of {args.rounds} interleaved rounds × {args.iters} steps"
+    )
     for name, rate in table:
         print(f"  {name:<52} {rate:10.1f} img/s")
-    print(f"  ADCM/ECT time: {ratios['adcm_over_ect_time_paper_period']:.3f} (rebuild every {PAPER_REBUILD_EVERY}), "
-          f"{ratios['adcm_over_ect_time_params_period']:.3f} (every {run_period}); step alone "
-          f"{ratios['adcm_step_over_ect_step_time']:.3f}")
-    print(f"  CT/diffusion time {ratios['ct_over_diffusion_time']:.3f}   "
-          f"sCT/ECT time {ratios['sct_over_ect_time']:.3f}")
-    print(f"  partition rebuild: {rebuild_s:.1f} s for |T| = {args.partition_points} "
-          f"({ratios['jvps_per_s']:.2f} JVP/s at batch {pb})")
-    atomic_write_text(args.out, json.dumps({
-        "network": args.network, "parameters": params_count, "batch": b, "device": device_name,
-        "threads": torch.get_num_threads(), "fast_path": dataclasses.asdict(fast),
-        "rounds": args.rounds, "iters": args.iters, "partition_points": args.partition_points,
-        "partition_batch": pb, "img_per_s": dict(table), "ratios": ratios,
-        "seconds": {**{f"{k}_step": v for k, v in steps.items()}, **{f"sample_{k}": v for k, v in sampling.items()},
-                    "jvp": jvp_s}}, indent=2) + "\n")
+    print(
+        f"  ADCM/ECT time: {ratios['adcm_over_ect_time_paper_period']:.3f} (rebuild every {PAPER_REBUILD_EVERY}), "
+        f"{ratios['adcm_over_ect_time_params_period']:.3f} (every {run_period}); step alone "
+        f"{ratios['adcm_step_over_ect_step_time']:.3f}"
+    )
+    print(
+        f"  CT/diffusion time {ratios['ct_over_diffusion_time']:.3f}   sCT/ECT time {ratios['sct_over_ect_time']:.3f}"
+    )
+    print(
+        f"  partition rebuild: {rebuild_s:.1f} s for |T| = {args.partition_points} "
+        f"({ratios['jvps_per_s']:.2f} JVP/s at batch {pb})"
+    )
+    atomic_write_text(
+        args.out,
+        json.dumps(
+            {
+                "network": args.network,
+                "parameters": params_count,
+                "batch": b,
+                "device": device_name,
+                "threads": torch.get_num_threads(),
+                "fast_path": dataclasses.asdict(fast),
+                "rounds": args.rounds,
+                "iters": args.iters,
+                "partition_points": args.partition_points,
+                "partition_batch": pb,
+                "img_per_s": dict(table),
+                "ratios": ratios,
+                "seconds": {
+                    **{f"{k}_step": v for k, v in steps.items()},
+                    **{f"sample_{k}": v for k, v in sampling.items()},
+                    "jvp": jvp_s,
+                },
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from adcm.checkpoint import load_teacher
-from adcm.io import atomic_write_text
+from adcm.io.files import atomic_write_text
+from adcm.io.model_files import load_teacher
 
 
 def main() -> None:
@@ -47,14 +47,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, args.nproc):
             work = Path(tmp) / f"n{n}"
-            sets = [f"method={args.method}", f"train.device={args.device}",
-                    f"train.duration_kimg={args.iters * args.batch / 1000}", f"train.batch_size={args.batch}",
-                    "train.batch_per_step=null",
-                    "train.grid_every_kimg=1000", "train.checkpoint_every_kimg=1000", "train.log_every_kimg=1000"]
-            cmd = ["-m", "adcm", "train", "--params", str(args.params), *[a for s in sets for a in ("-S", s)],
-                   "--data", str(args.data), "--teacher", str(args.teacher), "--out", str(work / "student.pt"),
-                   "--metrics", str(work / "train.json"), "--grid-dir", str(work / "grids"), "--checkpoint-dir",
-                   str(work / "ckpt"), "--log-dir", str(work / "live"), "--no-progress", "--fresh"]
+            sets = [
+                f"method={args.method}",
+                f"train.device={args.device}",
+                f"train.duration_kimg={args.iters * args.batch / 1000}",
+                f"train.batch_size={args.batch}",
+                "train.batch_per_step=null",
+                "train.grid_every_kimg=1000",
+                "train.checkpoint_every_kimg=1000",
+                "train.log_every_kimg=1000",
+            ]
+            cmd = [
+                "-m",
+                "adcm",
+                "train",
+                "--params",
+                str(args.params),
+                *[a for s in sets for a in ("-S", s)],
+                "--data",
+                str(args.data),
+                "--teacher",
+                str(args.teacher),
+                "--out",
+                str(work / "student.pt"),
+                "--metrics",
+                str(work / "train.json"),
+                "--grid-dir",
+                str(work / "grids"),
+                "--checkpoint-dir",
+                str(work / "ckpt"),
+                "--log-dir",
+                str(work / "live"),
+                "--no-progress",
+                "--fresh",
+            ]
             if n == 1:
                 launcher = [sys.executable]
             else:
@@ -64,21 +90,40 @@ def main() -> None:
             subprocess.run([*launcher, *cmd], check=True, env=env)
             metrics = json.loads((work / "train.json").read_text())
             state = load_teacher(work / "student.pt").state_dict
-            results[n] = {"img_per_s": metrics["kimg"] * 1000 / metrics["train_seconds"],
-                          "train_seconds": metrics["train_seconds"], "state": state,
-                          "threads_per_process": max(1, cores // n)}
+            results[n] = {
+                "img_per_s": metrics["kimg"] * 1000 / metrics["train_seconds"],
+                "train_seconds": metrics["train_seconds"],
+                "state": state,
+                "threads_per_process": max(1, cores // n),
+            }
     base = results[1]["state"]
-    diff = max(float((results[args.nproc]["state"][k] - v).abs().max() / v.abs().max().clamp(min=1e-12))
-               for k, v in base.items() if torch.is_floating_point(v))
+    diff = max(
+        float((results[args.nproc]["state"][k] - v).abs().max() / v.abs().max().clamp(min=1e-12))
+        for k, v in base.items()
+        if torch.is_floating_point(v)
+    )
     speedup = results[args.nproc]["img_per_s"] / results[1]["img_per_s"]
     print(f"{args.method}, {args.iters} iterations of {args.batch} images, {cores} cores, device {args.device}")
     for n, r in results.items():
         print(f"  {n} process(es) × {r['threads_per_process']} threads: {r['img_per_s']:8.1f} img/s")
     print(f"  speed-up {speedup:.2f}×; largest relative EMA weight difference vs 1 process: {diff:.2e}")
-    atomic_write_text(args.out, json.dumps({
-        "method": args.method, "iters": args.iters, "batch": args.batch, "cores": cores, "device": args.device,
-        "img_per_s": {str(n): r["img_per_s"] for n, r in results.items()},
-        "speedup": speedup, "max_rel_weight_diff": diff}, indent=2) + "\n")
+    atomic_write_text(
+        args.out,
+        json.dumps(
+            {
+                "method": args.method,
+                "iters": args.iters,
+                "batch": args.batch,
+                "cores": cores,
+                "device": args.device,
+                "img_per_s": {str(n): r["img_per_s"] for n, r in results.items()},
+                "speedup": speedup,
+                "max_rel_weight_diff": diff,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import typer
-
-from stages import prepare, sample, schedule, score, study, teacher, train
+from adcm.stages import prepare, sample, schedule, score, study, teacher, train
 
 app = typer.Typer(
     name="adcm",

@@ -1,20 +1,16 @@
-"""Helpers shared by the stage commands: params loading, user-error handling, help text."""
+"""What every stage command shares: the params options, loading them, and one-line errors."""
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
-from adcm.checkpoint import CheckpointError
-from adcm.config import Params, ParamsError, describe, load_params
-from adcm.data import DatasetError
-from adcm.download import DownloadError
-from adcm.io import atomic_write_text
+from adcm.config import OnConfigChange, Params, describe, load_params
+from adcm.errors import AdcmError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -22,41 +18,37 @@ PARAMS_OPTION = typer.Option(
     Path("params.yaml"), "--params", help="Params file; the whole file is validated before any work starts."
 )
 SET_OPTION = typer.Option(
-    [], "--set", "-S", help="Override a params key for this run only, KEY=VALUE (YAML value), repeatable, e.g. "
-    "-S lambda=0.1 -S train.duration_kimg=6.4; validated like the file.")
-
-#: Errors that are the user's to fix: printed as one line, exit status 1 (params errors: 2).
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, CheckpointError, DownloadError, FileNotFoundError)
-
-
-def register_user_error(*types_: type[BaseException]) -> None:
-    """Add exception types that :func:`user_errors` reports as one line."""
-    global USER_ERRORS
-    USER_ERRORS = (*USER_ERRORS, *types_)
+    [],
+    "--set",
+    "-S",
+    help="Override a params key for this run only, KEY=VALUE (YAML value), repeatable, e.g. "
+    "-S lambda=0.1 -S train.duration_kimg=6.4; validated like the file.",
+)
+FRESH_OPTION = typer.Option(False, "--fresh", help="Ignore any existing checkpoint and start over.")
+ON_CONFIG_CHANGE_OPTION = typer.Option(
+    OnConfigChange.refuse,
+    help="A checkpoint written under other params: refuse (exit 2 with a message) "
+    "or restart from scratch (what `dvc exp run -S …` needs).",
+)
+PROGRESS_OPTION = typer.Option(True, help="Show progress bars.")
 
 
 def read_params(path: Path, overrides: list[str] | None = None) -> Params:
-    """Load and validate the params file (plus ``--set`` overrides); a problem exits with status 2 and one line."""
-    try:
-        return load_params(path, overrides or ())
-    except ParamsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    """Load and validate the params file plus ``--set`` overrides (a problem raises ParamsError: one line, exit 2)."""
+    return load_params(path, overrides or ())
 
 
 def user_errors(func: F) -> F:
-    """Report the library's user-facing errors as ``error: …`` on one line and exit 1."""
+    """Report the library's errors (:class:`~adcm.errors.AdcmError`) as ``error: …`` on one line and exit with
+    the error's code (2: input to fix; 1: the run failed)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ParamsError as exc:
+        except AdcmError as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except USER_ERRORS as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -69,8 +61,3 @@ def params_epilog(*groups: str) -> str:
         lines.append(f"• {key}: {doc} [{kind}]")
         lines.append("")
     return "\n".join(lines)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as pretty JSON atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -6,22 +6,20 @@ import enum
 from pathlib import Path
 
 import numpy as np
-import torch
 import typer
+from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-from adcm.checkpoint import CheckpointError, load_teacher
-from adcm.data import load_prepared
-from adcm.generate import generate
-from adcm.images import save_grid
-from adcm.io import atomic_path
-from adcm.processes import coordinates, make_process
-from adcm.training import resolve_device
-from stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
+from adcm.devices import resolve_device
+from adcm.io.datasets import load_prepared
+from adcm.io.files import atomic_path
+from adcm.io.images import save_grid
+from adcm.io.model_files import load_student, load_teacher
+from adcm.sampling.generate import Sampler, generate, heun_for, student_sampler
 
 
-class Sampler(str, enum.Enum):
+class Which(str, enum.Enum):
     """Which sampler."""
 
     one = "1step"
@@ -31,56 +29,54 @@ class Sampler(str, enum.Enum):
 
 @user_errors
 def sample(
-    sampler: Sampler = typer.Option(..., help="1step / 2step (consistency model) or teacher (Heun, EDM)."),
+    sampler: Which = typer.Option(..., help="1step / 2step (consistency model) or teacher (Heun, EDM)."),
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
     model: Path = typer.Option(..., help="models/student.pt for 1step/2step, models/teacher.pt for teacher."),
-    data: Path = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared data: the class distribution "
-                              "of conditional models."),
+    data: Path = typer.Option(
+        Path("data/prepared/dataset.npz"), help="Prepared data: the class distribution of conditional models."
+    ),
     out: Path = typer.Option(..., help="Output .npz with `images` (N, C, H, W) uint8 and `seeds`."),
     grid: Path = typer.Option(..., help="PNG grid of the first sample.grid_rows² images."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Draw sample.num_images images; image i depends only on seed sample.first_seed + i.
 
-    1step/2step sample the consistency model in its own process (the student file records it; 2step's intermediate point is sample.t_mid.<method>, a VE σ converted to that process's time); teacher runs EDM's Heun sampler on the teacher (teacher.sampler's σ range and ρ, sample.teacher_steps levels) in VE coordinates. """
+    1step/2step sample the consistency model in its own process (the student file records it; 2step's intermediate point is sample.t_mid.<method>, a VE σ converted to that process's time); teacher runs EDM's Heun sampler on the teacher (teacher.sampler's σ range and ρ, sample.teacher_steps levels) in VE coordinates."""
     p = read_params(params, set_)
     cfg = p.sample
-    device = resolve_device(cfg.device)
-    file = load_teacher(model)
-    is_student = file.meta.get("kind") == "consistency"
-    if is_student != (sampler is not Sampler.teacher):
-        want = "a teacher file" if sampler is Sampler.teacher else "a consistency model (models/student.pt)"
-        raise CheckpointError(f"{model}: sampler {sampler.value} needs {want}")
-    if is_student:
-        meta = file.meta
-        net = file.consistency_function(float(meta["eps"]))
-        process = make_process(file.process, float(meta.get("range_eps", meta["eps"])), float(meta["t_max"]),
-                               file.sigma_data)
-        method = str(meta.get("method", "adcm"))
-        t_mid = float(process.time_from_noise_to_signal(torch.tensor(getattr(cfg.t_mid, method),
-                                                                     dtype=torch.float64)))
+    device = resolve_device(cfg.device, "sample.device")
+    if sampler is Which.teacher:
+        teacher = load_teacher(model)
+        net, kwargs = teacher.denoiser(), teacher.network_kwargs
+        s = p.teacher.sampler
+        method: Sampler = heun_for(teacher, cfg.teacher_steps, s.sigma_min, s.sigma_max, s.rho)
     else:
-        net = file.denoiser()
-        process, t_mid = coordinates(file.process, file.sigma_data), 0.0
-    kwargs = file.network_kwargs
-    probs = None
-    if kwargs["label_dim"]:
-        labels = load_prepared(data).labels
-        if labels is None:
-            raise CheckpointError(f"{model}: the network is class-conditional but {data} has no labels")
-        probs = torch.bincount(torch.from_numpy(labels), minlength=kwargs["label_dim"]).double()
-        probs = probs / probs.sum()
+        student = load_student(model)
+        net, kwargs = student.consistency_function(), student.network_kwargs
+        method = student_sampler(student, 1 if sampler is Which.one else 2, getattr(cfg.t_mid, student.method))
+    probs = load_prepared(data).label_probs(kwargs["label_dim"]) if kwargs["label_dim"] else None
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.num_images))
-    shape = (kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
-    with Progress("[bold]sample " + sampler.value, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), disable=not progress) as bar:
+    with Progress(
+        "[bold]sample " + sampler.value,
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    ) as bar:
         task = bar.add_task("sample", total=len(seeds))
-        images = generate(net, sampler.value, seeds, shape=shape, batch_size=cfg.batch_size, device=device,
-                          label_probs=probs, process=process, t_mid=t_mid, teacher_steps=cfg.teacher_steps,
-                          sigma_min=p.teacher.sampler.sigma_min, sigma_max=p.teacher.sampler.sigma_max,
-                          rho=p.teacher.sampler.rho,
-                          progress=lambda done: bar.update(task, completed=done))
+        images = generate(
+            net,
+            method,
+            seeds,
+            shape=(kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"]),
+            batch_size=cfg.batch_size,
+            device=device,
+            label_probs=probs,
+            progress=lambda done: bar.update(task, completed=done),
+        )
     with atomic_path(out) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, images=images, seeds=np.asarray(seeds, dtype=np.int64))
     save_grid(grid, images[: cfg.grid_rows**2], cfg.grid_rows)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from adcm.data import ImageDataset, write_prepared
+from adcm.io.datasets import ImageDataset, write_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 

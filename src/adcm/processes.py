@@ -1,4 +1,6 @@
-"""Forward (noising) processes x_t = α(t)·x0 + β(t)·z (algorithm.md §1): VE (EDM), flow matching, TrigFlow.
+"""Forward (noising) processes x_t = α(t)·x0 + β(t)·z: VE (EDM), flow matching, TrigFlow.
+
+See docs/method.md#forward-processes.
 
 Every consistency method in this package only needs, from the forward process,
 
@@ -38,6 +40,7 @@ __all__ = [
     "VEProcess",
     "broadcast_time",
     "coordinates",
+    "karras_grid",
     "make_process",
 ]
 
@@ -64,7 +67,7 @@ def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
 
 
 class ForwardProcess(ABC):
-    """Interface of a forward process x_t = α(t)·x0 + β(t)·z (algorithm.md §1).
+    """Interface of a forward process x_t = α(t)·x0 + β(t)·z (docs/method.md#forward-processes).
 
     Subclasses give α, β, their time derivatives and the inverse of ρ = β/α; everything else
     (x_t, dx_t/dt, ρ, conversions) follows here.
@@ -138,7 +141,7 @@ class ForwardProcess(ABC):
 
 @dataclass(frozen=True)
 class VEProcess(ForwardProcess):
-    """Variance-exploding (EDM) process: x_t = x0 + t·z, t = σ (algorithm.md §1).
+    """Variance-exploding (EDM) process: x_t = x0 + t·z, t = σ (docs/method.md#forward-processes).
 
     Attributes:
         eps: boundary time, 0.002 (EDM/ECT/iCT/ADCM on CIFAR-10).
@@ -188,7 +191,7 @@ class VEProcess(ForwardProcess):
 
 @dataclass(frozen=True)
 class FMProcess(ForwardProcess):
-    """Flow matching (rectified flow): x_t = (1 − t)·x0 + t·z, dx_t/dt = z − x0 (algorithm.md §1).
+    """Flow matching (rectified flow): x_t = (1 − t)·x0 + t·z, dx_t/dt = z − x0 (docs/method.md#forward-processes).
 
     Attributes:
         eps: boundary time (**decision**: 1e-3).
@@ -228,7 +231,7 @@ class FMProcess(ForwardProcess):
 
 @dataclass(frozen=True)
 class TrigFlowProcess(ForwardProcess):
-    """TrigFlow (sCM): x_t = cos t·x0 + sin t·σ_d·z, t ∈ [0, π/2] (algorithm.md §1).
+    """TrigFlow (sCM): x_t = cos t·x0 + sin t·σ_d·z, t ∈ [0, π/2] (docs/method.md#forward-processes).
 
     dx_t/dt = cos t·σ_d·z − sin t·x0; ρ(t) = σ_d·tan t, so t = arctan(σ/σ_d) is the VE point σ.
 
@@ -293,3 +296,17 @@ def coordinates(name: ProcessName, sigma_data: float = 0.5) -> ForwardProcess:
     if name == "trigflow":
         return TrigFlowProcess(sigma_data=sigma_data)
     raise ValueError(f"unknown process {name!r} (expected ve, fm or trigflow)")
+
+
+def karras_grid(n: int, eps: float, t_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022, Eq. 5) grid, *decreasing* from t_max to ε (n points, float64).
+
+    σ_i = (T^{1/ρ} + i/(n−1)·(ε^{1/ρ} − T^{1/ρ}))^ρ, i = 0..n−1; the endpoints are set exactly.
+    """
+    if n < 2:
+        raise ValueError(f"need n >= 2 grid points, got {n}")
+    i = torch.arange(n, dtype=torch.float64)
+    a, b = t_max ** (1.0 / rho), eps ** (1.0 / rho)
+    grid = (a + i / (n - 1) * (b - a)) ** rho
+    grid[0], grid[-1] = t_max, eps
+    return grid

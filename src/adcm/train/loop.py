@@ -1,0 +1,443 @@
+"""The one training loop: teachers and consistency models alike, over an :class:`~adcm.method.objectives.Objective`.
+
+A run is a :class:`RunSpec` — the model, what it optimises, the :class:`LoopSettings` and the
+fingerprint of everything that changes its weights — and :func:`train` executes it. One step:
+
+1. ADCM only: rebuild the partition from the current weights when it is due (rank 0, then broadcast).
+2. From one generator seeded by (seed, step, the objective's stream) draw the whole global batch's
+   data x0 and labels, the objective's per-sample :class:`~adcm.method.objectives.Draw`, and the
+   standard noise z — identically on every process.
+3. Each process takes its chunks of the global batch (micro-batches of ``batch_per_step``); dropout
+   is seeded per chunk, so N processes reproduce one. Gradients accumulate over the chunks.
+4. One host synchronisation: a non-finite loss or gradient does not move θ; after
+   ``max_nonfinite_in_row`` of them in a row the run stops with :class:`~adcm.errors.TrainingError`.
+5. Optimizer step; EMA update (the EMA copy is used only for evaluation).
+
+Every ``checkpoint_every_kimg`` the state is written atomically; re-running the same command resumes
+from it and ends with bit-identical weights (on the same device kind and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from adcm.config import OnConfigChange
+from adcm.errors import CheckpointError, TrainingError
+from adcm.io.images import save_grid
+from adcm.method.objectives import Batch, Objective
+from adcm.nets.precond import Precond
+from adcm.rng import seed_chunk, step_generator
+from adcm.train.batches import BatchSource
+from adcm.train.distributed import DistInfo
+from adcm.train.ema import EMARule, update_ema
+from adcm.train.fastpath import FastPath
+from adcm.train.progress import MetricsLogger, TrainingProgress
+from adcm.train.state import resume_state, save_state
+
+__all__ = ["LoopSettings", "Preview", "RunResult", "RunSpec", "StepOutcome", "Trainer", "train"]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a run trains: length, batch, optimizer, learning rate, EMA, periods, the non-finite policy.
+
+    Attributes:
+        label: shown on the progress bar.
+        duration_kimg: training length in thousands of images.
+        batch_size: images per optimizer step, over all processes.
+        batch_per_step: images per forward pass per process (gradient accumulation); None = all.
+        optimizer: ``adam`` or ``radam`` (β₁ 0.9, β₂ ``beta2``, ε 1e-8).
+        lr: base learning rate.
+        beta2: second-moment decay.
+        ema: the EMA rule.
+        lr_rampup_kimg: linear warm-up of the learning rate over this many kimg (0 = none).
+        lr_schedule: ``constant``, or ``rsqrt``: lr/sqrt(max(step/lr_ref_iters, 1)) (EDM2, ECT ImageNet).
+        lr_ref_iters: steps before the rsqrt decay starts.
+        xflip: random horizontal flips of the data.
+        log_every_kimg, checkpoint_every_kimg: periods, rounded to whole steps (at least one).
+        max_nonfinite_in_row: stop after this many steps in a row with a non-finite loss or gradient.
+        fast: the GPU fast-path switches in force.
+    """
+
+    label: str
+    duration_kimg: float
+    batch_size: int
+    batch_per_step: int | None
+    optimizer: Literal["adam", "radam"]
+    lr: float
+    beta2: float
+    ema: EMARule
+    lr_rampup_kimg: float = 0.0
+    lr_schedule: Literal["constant", "rsqrt"] = "constant"
+    lr_ref_iters: int = 1
+    xflip: bool = False
+    log_every_kimg: float = 1.0
+    checkpoint_every_kimg: float = 1.0
+    max_nonfinite_in_row: int = 20
+    fast: FastPath = field(default_factory=FastPath)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: ⌈duration / batch⌉ (at least one)."""
+        return max(1, math.ceil(self.duration_kimg * 1000 / self.batch_size))
+
+    def period_steps(self, every_kimg: float) -> int:
+        """A period in kimg as a whole number of steps (at least one)."""
+        return max(1, round(every_kimg * 1000 / self.batch_size))
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (warm-up on the images seen before it, then the schedule)."""
+        lr = self.lr
+        if self.lr_rampup_kimg > 0:
+            lr *= min(step * self.batch_size / (self.lr_rampup_kimg * 1000), 1.0)
+        if self.lr_schedule == "rsqrt":
+            lr /= math.sqrt(max(step / self.lr_ref_iters, 1.0))
+        return lr
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: the model, what it optimises, how, and the identity of its configuration.
+
+    Attributes:
+        net: the model in train mode (its initial weights: a fresh network or the teacher's).
+        objective: what each step optimises.
+        settings: how it trains.
+        seed: every random draw of step k comes from (seed, k) (:mod:`adcm.rng`).
+        fingerprint: hash of everything that changes the trained weights (:func:`~adcm.train.state.fingerprint`).
+        frozen: names of parameters that get no gradient (EDM's augmentation input, fed zeros).
+    """
+
+    net: Precond
+    objective: Objective
+    settings: LoopSettings
+    seed: int
+    fingerprint: str
+    frozen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Sample grids of the EMA model during training (rank 0): ``render(ema)`` gives uint8 images."""
+
+    render: Callable[[nn.Module], np.ndarray]
+    every_kimg: float
+    directory: Path
+    name: str = "grid.png"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished (or paused, ``stop_after_steps``) run produced."""
+
+    ema_state: dict[str, Tensor]
+    steps: int
+    kimg: float
+    train_seconds: float
+    final_loss: float
+    skipped_steps: int
+    resumed_from_kimg: float
+    rebuild_seconds: float
+    partitions: list[tuple[int, list[float]]]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimizer step reports: its mean loss (a device tensor), whether it moved θ, its learning
+    rate, and the summed Δt = t − r of its samples (discrete consistency; None otherwise)."""
+
+    loss: Tensor
+    finite: bool
+    lr: float
+    dt_sum: Tensor | None
+    samples: int
+
+
+class Trainer:
+    """One run's model, EMA, optimizer and objective on a device, and its step (module docstring, steps 1–5).
+
+    :func:`train` loops over :meth:`rebuild` and :meth:`step` and adds checkpoints, logging and the
+    non-finite policy; the benchmarks time the same :meth:`step`.
+    """
+
+    def __init__(self, spec: RunSpec, data: BatchSource, device: torch.device, dist_info: DistInfo | None = None):
+        self.spec, self.data, self.device = spec, data, device
+        self.info = info = dist_info or DistInfo()
+        cfg = spec.settings
+        if cfg.batch_size % info.world_size:
+            raise TrainingError(f"batch size {cfg.batch_size} is not divisible by {info.world_size} processes")
+        self.local_batch = cfg.batch_size // info.world_size
+        self.micro = min(cfg.batch_per_step or self.local_batch, self.local_batch)
+        if self.local_batch % self.micro:
+            raise TrainingError(
+                f"per-process batch {self.local_batch} is not a multiple of batch_per_step {self.micro}"
+            )
+        self.n_micro = self.local_batch // self.micro
+        self.net = net = spec.net.to(device).train().requires_grad_(True)
+        for name, p in net.named_parameters():
+            if name in spec.frozen:
+                p.requires_grad_(False)
+        cfg.fast.apply(net)
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+        self.objective = spec.objective
+        self.trainable = spec.objective.trainable(net).to(device)
+        self.optimizer = cfg.fast.optimizer(self.trainable, cfg.optimizer, cfg.lr, cfg.beta2)
+        ddp: nn.Module = self.trainable
+        if info.world_size > 1:
+            ddp = nn.parallel.DistributedDataParallel(
+                self.trainable, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.ddp = ddp
+        # the student forward only, never a JVP
+        self.student = cast(nn.Module, torch.compile(ddp)) if cfg.fast.compile else ddp
+        self._partition_labels: Tensor | None = None
+
+    def state_dict(self) -> dict[str, object]:
+        """Network, EMA, optimizer and objective state (the counters are the caller's)."""
+        return {
+            "net": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.net.load_state_dict(state["net"])  # type: ignore[arg-type]
+        self.ema.load_state_dict(state["ema"])  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.objective.load_state_dict(state["objective"])  # type: ignore[arg-type]
+
+    def _frozen_fn(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(x, t, self._partition_labels)
+
+    def _draw_x0(self, n: int, gen: torch.Generator) -> Tensor:
+        x, labels = self.data.sample(n, gen)
+        self._partition_labels = labels
+        return x
+
+    def rebuild(self, step: int) -> bool:
+        """Rebuild what the objective derives from the current weights, when due before ``step`` (ADCM's
+        partition: built on rank 0, then broadcast). Returns whether it did."""
+        if not self.objective.needs_rebuild(step):
+            return False
+        if self.info.is_main:
+            self.objective.rebuild(step, self._frozen_fn, self._draw_x0, self.net)
+        if self.info.world_size > 1:
+            box = [self.objective.state_dict() if self.info.is_main else None]
+            dist.broadcast_object_list(box, src=0)
+            self.objective.load_state_dict(box[0])  # type: ignore[arg-type]
+        return True
+
+    def step(self, step: int) -> StepOutcome:
+        """Optimizer step number ``step`` (0-based): draws, micro-batches, the finiteness check, update, EMA."""
+        spec, cfg, info, device = self.spec, self.spec.settings, self.info, self.device
+        objective, opt = self.objective, self.optimizer
+        # The whole global batch is drawn identically on every process; each takes its chunks.
+        gen = step_generator(spec.seed, step, stream=objective.rng_stream)
+        x0_all, labels_all = self.data.sample(cfg.batch_size, gen)
+        draw_all = objective.draw(cfg.batch_size, step, gen)
+        z_all = torch.randn(x0_all.shape, generator=gen).to(device)
+        batch_all = Batch(x0_all, z_all, labels_all)
+        lr = cfg.lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss_acc = torch.zeros((), device=device)
+        dt_sum: Tensor | None = None
+        for m in range(self.n_micro):
+            chunk = info.rank * self.n_micro + m
+            rows = slice(chunk * self.micro, (chunk + 1) * self.micro)
+            batch, draw = batch_all.chunk(rows), draw_all.chunk(rows, device)
+            sync = contextlib.nullcontext() if m == self.n_micro - 1 or info.world_size == 1 else self.ddp.no_sync()  # type: ignore[operator]
+            seed_chunk(spec.seed, step, chunk)
+            with sync:
+                loss = objective.loss(self.net, self.student, batch, draw, step, cfg.fast.bf16)
+                (loss * self.micro / self.local_batch).backward()
+            loss_acc += loss.detach() * (self.micro / self.local_batch)
+            dts = draw.step_sizes()
+            if dts is not None:
+                dt_sum = dts.double().sum() if dt_sum is None else dt_sum + dts.double().sum()
+        if info.world_size > 1:
+            dist.all_reduce(loss_acc)
+            loss_acc /= info.world_size
+        # The one host synchronisation of a step: a non-finite loss or gradient must not move θ.
+        grads = [p.grad for p in self.trainable.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(loss_acc) & torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if finite:
+            opt.step()
+            update_ema(self.ema, self.net, cfg.ema.beta_at(cfg.batch_size, (step + 1) * cfg.batch_size))
+        return StepOutcome(loss_acc, finite, lr, dt_sum, self.local_batch)
+
+
+def train(
+    spec: RunSpec,
+    data: BatchSource,
+    *,
+    checkpoint_path: Path,
+    device: torch.device,
+    fresh: bool = False,
+    on_config_change: OnConfigChange = OnConfigChange.refuse,
+    log_dir: Path | None = None,
+    preview: Preview | None = None,
+    show_progress: bool = True,
+    dist_info: DistInfo | None = None,
+    stop_after_steps: int | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train (or resume) the run ``spec`` on ``data`` (module docstring).
+
+    Args:
+        spec: the run.
+        data: training mini-batches on ``device``.
+        checkpoint_path: resumable state (rank 0 writes it); resumed when it has ``spec``'s fingerprint.
+        device: where to train.
+        fresh: ignore an existing checkpoint.
+        on_config_change: a checkpoint of another configuration is refused or discarded.
+        log_dir: dvclive directory (rank 0; None = no logging).
+        preview: sample grids along the way (rank 0; None = none).
+        show_progress: rich progress bar with an ETA (rank 0).
+        dist_info: the ``torchrun`` placement (None = one process).
+        stop_after_steps: pause after this many steps in this call (with a checkpoint) — for tests of
+            resumption and evaluations along the way; None = train to the end.
+        notify: called with a line for the user (a discarded checkpoint).
+
+    Raises:
+        CheckpointError: a checkpoint of another configuration (``refuse``), or one that is further
+            along than the requested duration.
+        TrainingError: the batch does not split over the processes; too many non-finite steps in a row.
+    """
+    trainer = Trainer(spec, data, device, dist_info)
+    info, cfg, objective = trainer.info, spec.settings, spec.objective
+    total_steps = cfg.total_steps
+    step, skipped, elapsed, last_loss, rebuild_s = 0, 0, 0.0, float("nan"), 0.0
+    state = resume_state(
+        checkpoint_path,
+        spec.fingerprint,
+        fresh=fresh,
+        on_config_change=on_config_change,
+        notify=notify if info.is_main else None,
+    )
+    if state is not None:
+        if int(state["step"]) > total_steps:
+            raise CheckpointError(
+                f"{checkpoint_path}: the checkpoint is at {int(state['step']) * cfg.batch_size / 1000:g} kimg, "
+                f"further than the requested {cfg.duration_kimg:g} kimg; raise the duration, or re-run with "
+                "--fresh to start over"
+            )
+        trainer.load_state_dict(state)
+        step, skipped = int(state["step"]), int(state["skipped"])
+        elapsed, last_loss, rebuild_s = float(state["seconds"]), float(state["loss"]), float(state["rebuild_seconds"])
+    resumed_kimg = step * cfg.batch_size / 1000
+    last_loss_t = torch.tensor(last_loss)
+
+    def checkpoint() -> None:
+        if info.is_main:
+            save_state(
+                checkpoint_path,
+                {
+                    "fingerprint": spec.fingerprint,
+                    **trainer.state_dict(),
+                    "step": step,
+                    "skipped": skipped,
+                    "seconds": elapsed,
+                    "loss": float(last_loss_t),
+                    "rebuild_seconds": rebuild_s,
+                },
+            )
+
+    logger = MetricsLogger(log_dir if info.is_main else None, resume=state is not None and step > 0)
+    log_every = cfg.period_steps(cfg.log_every_kimg)
+    ckpt_every = cfg.period_steps(cfg.checkpoint_every_kimg)
+    preview_every = cfg.period_steps(preview.every_kimg) if preview is not None else 0
+    losses: list[Tensor] = []
+    dt_acc, dt_count = torch.zeros((), dtype=torch.float64, device=device), 0
+    bad_in_row = 0
+    start = time.perf_counter() - elapsed
+    end_step = total_steps if stop_after_steps is None else min(total_steps, step + stop_after_steps)
+    with TrainingProgress(
+        cfg.label, total_steps * cfg.batch_size / 1000, enabled=show_progress and info.is_main
+    ) as progress:
+        progress.update(step * cfg.batch_size / 1000)
+        while step < end_step:
+            t0 = time.perf_counter()
+            if trainer.rebuild(step):
+                rebuild_s += time.perf_counter() - t0
+                progress.restart_clock()
+                if info.is_main and objective.partitions:
+                    logger.log(
+                        step,
+                        {
+                            "partition_points": float(objective.partitions[-1][1].numel()),
+                            "rebuild_seconds": time.perf_counter() - t0,
+                        },
+                    )
+            outcome = trainer.step(step)
+            step += 1
+            if outcome.dt_sum is not None:
+                dt_acc += outcome.dt_sum
+                dt_count += outcome.samples
+            if outcome.finite:
+                bad_in_row = 0
+                losses.append(outcome.loss)
+                last_loss_t = outcome.loss
+            else:
+                skipped += 1
+                bad_in_row += 1
+                if bad_in_row >= cfg.max_nonfinite_in_row:
+                    raise TrainingError(
+                        f"{bad_in_row} non-finite losses in a row at step {step}; lower the "
+                        "learning rate or check the teacher"
+                    )
+            elapsed = time.perf_counter() - start
+            kimg = step * cfg.batch_size / 1000
+            last = step == end_step
+            if step % log_every == 0 or last:
+                mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+                size = float(objective.partitions[-1][1].numel()) if objective.partitions else float("nan")
+                rate = progress.update(kimg, loss=mean_loss, **({"|T|": int(size)} if size == size else {}))
+                extra: dict[str, float] = {"partition_points": size} if size == size else {}
+                if dt_count:
+                    extra["mean_dt"] = float(dt_acc) / dt_count
+                logger.log(
+                    step,
+                    {
+                        "loss": mean_loss,
+                        "img_per_s": rate,
+                        "kimg": kimg,
+                        "lr": outcome.lr,
+                        "skipped_steps": skipped,
+                        **extra,
+                    },
+                )
+                losses, dt_count = [], 0
+                dt_acc = torch.zeros((), dtype=torch.float64, device=device)
+            if info.is_main and preview is not None and (step % preview_every == 0 or step == total_steps):
+                image = save_grid(preview.directory / f"grid-{step:06d}.png", preview.render(trainer.ema))
+                logger.image(preview.name, image)
+            if step % ckpt_every == 0 or last:
+                checkpoint()
+    logger.close()
+    return RunResult(
+        ema_state={k: v.detach().cpu() for k, v in trainer.ema.state_dict().items()},
+        steps=step,
+        kimg=step * cfg.batch_size / 1000,
+        train_seconds=elapsed,
+        final_loss=float(last_loss_t),
+        skipped_steps=skipped,
+        resumed_from_kimg=resumed_kimg,
+        rebuild_seconds=rebuild_s,
+        partitions=[(it, pts.tolist()) for it, pts in objective.partitions],
+    )

