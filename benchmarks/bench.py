@@ -169,7 +169,7 @@ def main() -> None:
     jvp_s = interleaved({"jvp": lambda: adcm_step(frozen, xp, zp, 1.0, params.lam, ve)}, 1, args.jvps, device)["jvp"]
     rebuild_s = jvp_s * (args.partition_points - 1)
     total_iters = max(1, math.ceil(cfg.duration_kimg * 1000 / cfg.batch_size))
-    run_period = min(cfg.adcm.rebuild_every_iters, total_iters)  # one rebuild per run when the run is shorter
+    run_period = max(1, round(cfg.adcm.rebuild_fraction * total_iters))  # this params.yaml's rebuild period
     amortised = {
         "params": steps["adcm"] + rebuild_s / run_period,
         "paper": steps["adcm"] + rebuild_s / PAPER_REBUILD_EVERY,

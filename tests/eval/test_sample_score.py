@@ -129,6 +129,10 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
                 "score.device": "cpu",
                 "score.reference_count": 8,
                 "score.batch_size": 4,
+                "score.floor_images": 4,
+                "score.bootstrap_resamples": 5,
+                "score.kid_subsets": 5,
+                "score.kid_subset_size": 4,
             }
         ),
     )
@@ -230,4 +234,8 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
     } <= set(metrics)
     assert metrics["count_1step"] == 6 and metrics["reference_count"] == 8
     assert all(metrics[f"fid_{k}"] > 0 for k in ("1step", "2step", "teacher"))
-    assert "sha1" in metrics["extractor"]
+    assert "sha1" in metrics["extractor"] and "inception_file" not in metrics  # no machine-specific path
+    for name in ("1step", "2step", "teacher", "data"):  # the data floor: 4 held-out real images
+        assert metrics[f"fid_{name}_ci95_low"] <= metrics[f"fid_{name}"] <= metrics[f"fid_{name}_ci95_high"]
+        assert f"kid_{name}" in metrics and metrics[f"kid_{name}_std"] >= 0
+    assert metrics["count_data"] == 4

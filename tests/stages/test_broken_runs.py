@@ -22,9 +22,16 @@ from adcm.nets.precond import denoiser
 from adcm.train.runs import network_kwargs_for
 
 runner = CliRunner()
-TRAIN = {"train.device": "cpu", "train.duration_kimg": 0.032, "train.batch_size": 16, "train.log_every_kimg": 0.016,
-         "train.checkpoint_every_kimg": 0.016, "train.grid_every_kimg": 0.032, "method": "ect",
-         "train.ect.stage_iters": 2}
+TRAIN = {
+    "train.device": "cpu",
+    "train.duration_kimg": 0.032,
+    "train.batch_size": 16,
+    "train.log_every_kimg": 0.016,
+    "train.checkpoint_every_kimg": 0.016,
+    "train.grid_every_kimg": 0.032,
+    "method": "ect",
+    "train.ect.stage_fraction": 0.5,
+}
 
 
 def _files(tmp_path: Path, resolution: int = 8, channels: int = 1) -> tuple[Path, Path]:
@@ -38,11 +45,29 @@ def _files(tmp_path: Path, resolution: int = 8, channels: int = 1) -> tuple[Path
 
 def _train(tmp_path: Path, data: Path, teacher: Path, **overrides: object):
     params = write_params(tmp_path / "params.yaml", tiny_params({**TRAIN, **overrides}))
-    return runner.invoke(app, ["train", "--params", str(params), "--data", str(data), "--teacher", str(teacher),
-                               "--out", str(tmp_path / "out" / "student.pt"), "--metrics",
-                               str(tmp_path / "out" / "train.json"), "--grid-dir", str(tmp_path / "out" / "grids"),
-                               "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "live"),
-                               "--no-progress"])
+    return runner.invoke(
+        app,
+        [
+            "train",
+            "--params",
+            str(params),
+            "--data",
+            str(data),
+            "--teacher",
+            str(teacher),
+            "--out",
+            str(tmp_path / "out" / "student.pt"),
+            "--metrics",
+            str(tmp_path / "out" / "train.json"),
+            "--grid-dir",
+            str(tmp_path / "out" / "grids"),
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--log-dir",
+            str(tmp_path / "live"),
+            "--no-progress",
+        ],
+    )
 
 
 def _one_line_exit_2(result, *words: str) -> None:

@@ -378,8 +378,10 @@ def fid_from_images(
 # --------------------------------------------------------------------------------------------------
 
 
-def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write ``mu``, ``sigma`` and JSON ``meta`` to the ``.npz`` file ``path`` atomically.
+def save_stats(
+    path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, Any], features: np.ndarray | None = None
+) -> None:
+    """Write ``mu``, ``sigma``, JSON ``meta`` (and the ``features`` they came from, for KID) to ``path`` atomically.
 
     ``meta`` must contain ``count`` (number of images) and ``extractor`` (identity string from
     :func:`resolve_inception_weights`) and be JSON-serialisable. The data go to a temporary file in
@@ -394,7 +396,10 @@ def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, An
     except (TypeError, ValueError) as err:
         raise FIDError(f"stats meta for {path} is not JSON-serialisable: {err}") from err
     with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, mu=mu, sigma=sigma, meta=np.array(meta_json))
+        arrays: dict[str, Any] = {"mu": mu, "sigma": sigma, "meta": np.array(meta_json)}
+        if features is not None:
+            arrays["features"] = np.asarray(features, dtype=np.float32)
+        np.savez(handle, **arrays)
 
 
 def load_stats(path: Path, *, expected_extractor: str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -21,18 +21,19 @@ from adcm.eval.fid import Extractor, feature_stats, image_features, load_stats, 
 from adcm.io.datasets import load_prepared
 from adcm.io.files import sha256_file
 
-__all__ = ["Reference", "compute_reference", "load_reference"]
+__all__ = ["Reference", "compute_reference", "held_out_images", "load_reference"]
 
 
 @dataclass(frozen=True)
 class Reference:
-    """Reference statistics and what they were computed from."""
+    """Reference statistics, the features they summarise (for KID), and what they were computed from."""
 
     mu: np.ndarray
     sigma: np.ndarray
     count: int
     extractor_id: str
     data_sha256: str
+    features: np.ndarray
 
 
 def _identity(data_path: Path, count: int | None, extractor_id: str) -> dict[str, object]:
@@ -63,9 +64,10 @@ def compute_reference(
         if count > len(images):
             raise DatasetError(f"score.reference_count {count} exceeds the {len(images)} images in {data_path}")
         images = images[:count]
-    mu, sigma = feature_stats(image_features(images, extractor, batch_size, device, progress))
-    save_stats(out, mu, sigma, {**wanted, "count": len(images)})
-    return Reference(mu, sigma, len(images), extractor_id, str(wanted["data_sha256"]))
+    features = image_features(images, extractor, batch_size, device, progress)
+    mu, sigma = feature_stats(features)
+    save_stats(out, mu, sigma, {**wanted, "count": len(images)}, features=features)
+    return Reference(mu, sigma, len(images), extractor_id, str(wanted["data_sha256"]), features)
 
 
 def load_reference(path: Path, data_path: Path, count: int | None, extractor_id: str) -> Reference:
@@ -89,4 +91,30 @@ def load_reference(path: Path, data_path: Path, count: int | None, extractor_id:
             f"{path}: reference statistics made with another {changed}; recompute them with "
             "`adcm reference` (`dvc repro fid_reference`)"
         )
-    return Reference(mu, sigma, int(meta["count"]), extractor_id, str(wanted["data_sha256"]))
+    with np.load(path, allow_pickle=False) as archive:
+        if "features" not in archive.files:
+            raise FIDError(
+                f"{path}: reference statistics without their features (needed for KID); recompute them "
+                "with `adcm reference` (`dvc repro fid_reference`)"
+            )
+        features = archive["features"].astype(np.float64)
+    if features.shape != (int(meta["count"]), mu.shape[0]):
+        raise FIDError(f"{path}: reference features of shape {features.shape} for {meta['count']} images")
+    return Reference(mu, sigma, int(meta["count"]), extractor_id, str(wanted["data_sha256"]), features)
+
+
+def held_out_images(data_path: Path, reference_count: int | None, count: int) -> np.ndarray:
+    """The data floor's images: ``count`` prepared images right after the reference's first ``reference_count``.
+
+    Raises:
+        DatasetError: the reference uses every image, or too few are left.
+    """
+    images = load_prepared(data_path).images
+    start = len(images) if reference_count is None else reference_count
+    if start + count > len(images):
+        raise DatasetError(
+            f"{data_path}: score.floor_images {count} held-out images do not fit after the "
+            f"{start} reference images ({len(images)} in all); lower score.floor_images or "
+            "score.reference_count"
+        )
+    return images[start : start + count]

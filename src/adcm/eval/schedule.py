@@ -23,6 +23,7 @@ import torch
 from adcm.config import TrainConfig
 from adcm.io.files import atomic_path, atomic_write_text
 from adcm.io.model_files import StudentFile
+from adcm.method.discretization import fraction_of_run
 from adcm.method.ect import ect_r
 from adcm.method.ict import ict_num_points
 from adcm.processes import ForwardProcess, karras_grid
@@ -87,12 +88,13 @@ def schedule_summary(partitions: list[tuple[int, list[float]]]) -> dict[str, Any
     }
 
 
-def ect_steps(cfg: TrainConfig, iteration: int, process: ForwardProcess, num: int = 200) -> Schedule:
+def ect_steps(cfg: TrainConfig, iteration: int, total_iters: int, process: ForwardProcess, num: int = 200) -> Schedule:
     """ECT's step at ``iteration`` on a log grid of ρ in (ρ(ε), ρ(T)]: ρ_r = r(ρ) clamped at ρ(ε)."""
     rho_lo, rho_hi = process.rho_range
     rho = torch.logspace(math.log10(rho_lo * 1.01), math.log10(rho_hi), num, dtype=torch.float64)
     e = cfg.ect
-    rho_r = ect_r(rho, iteration, e.stage_iters, e.k, e.b, e.q).clamp(min=rho_lo)
+    stage_iters = fraction_of_run(e.stage_fraction, total_iters)
+    rho_r = ect_r(rho, iteration, stage_iters, e.k, e.b, e.q).clamp(min=rho_lo)
     return _both(process.time_from_noise_to_signal(rho), process.time_from_noise_to_signal(rho_r), process)
 
 
@@ -125,7 +127,7 @@ def plot_schedules(
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), dpi=120, squeeze=False)
     cmap = plt.get_cmap("viridis")
     iteration = partitions[-1][0] if partitions else total_iters
-    ect = ect_steps(cfg, iteration, process)
+    ect = ect_steps(cfg, iteration, total_iters, process)
     ict = ict_steps(cfg, iteration, total_iters, process)
     for ax, (x, y) in zip(axes[0], panels, strict=True):
         for k, (it, points) in enumerate(partitions):
@@ -177,7 +179,7 @@ def write_schedule_report(student: StudentFile, cfg: TrainConfig, out_dir: Path)
             }
             for k, (it, pts) in enumerate(partitions)
         ],
-        "ect": {"iteration": iteration, **ect_steps(cfg, iteration, process)},
+        "ect": {"iteration": iteration, **ect_steps(cfg, iteration, total_iters, process)},
         "ict": {"iteration": iteration, **ict_steps(cfg, iteration, total_iters, process)},
     }
     atomic_write_text(out_dir / "schedule.json", json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -48,10 +48,12 @@ __all__ = [
     "ADCMDiscretization",
     "adcm_step",
     "build_partition",
+    "build_partition_batched",
     "clamp_step",
     "consistency_velocity",
     "lam_factor",
     "optimal_step",
+    "step_statistics",
 ]
 
 
@@ -239,6 +241,129 @@ def build_partition(
     return torch.tensor(points, dtype=torch.float64)
 
 
+def step_statistics(
+    fn: ConsistencyFn,
+    x0: Tensor,
+    z: Tensor,
+    times: Tensor,
+    process: ForwardProcess,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """E⟨v, e⟩ and E‖v‖² of paper Eq. 10 at every time of ``times``, over the same samples (x0, z).
+
+    Every (time, sample) pair is one row of a batched JVP (:func:`consistency_velocity`; rows of
+    different times share a call, ``chunk_size`` rows at a time); the same x0 and z at every time
+    (common random numbers) make the estimated curve smooth in t. Runs under ``no_grad``.
+
+    Args:
+        fn: frozen consistency function f⁻.
+        x0: (M, ...) data; z: (M, ...) standard noise.
+        times: (G,) times, float64.
+        process: forward process.
+        chunk_size: rows per JVP call.
+
+    Returns:
+        (num, den), each (G,) float64 on the CPU.
+    """
+    m, g = x0.shape[0], times.numel()
+    rows = g * m
+    num, den = torch.zeros(g, dtype=torch.float64), torch.zeros(g, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, rows, chunk_size):
+            idx = torch.arange(start, min(start + chunk_size, rows))
+            which_t, which_x = idx // m, idx % m
+            t = times[which_t].to(dtype=x0.dtype, device=x0.device)
+            xs, zs = x0[which_x.to(x0.device)], z[which_x.to(x0.device)]
+            x_t = process.x_t(xs, zs, t)
+            f, v = consistency_velocity(fn, x_t, t, process.dx_dt(xs, zs, t))
+            v64, e64 = v.double().flatten(1), (f - xs).double().flatten(1)
+            num.index_add_(0, which_t, (v64 * e64).sum(1).cpu())
+            den.index_add_(0, which_t, (v64 * v64).sum(1).cpu())
+    num, den = num / m, den / m
+    if not (bool(torch.isfinite(num).all()) and bool(torch.isfinite(den).all())):
+        raise ValueError("non-finite ADCM statistics in the batched estimate")
+    return num, den
+
+
+def build_partition_batched(
+    fn: ConsistencyFn,
+    sample_x0: DataDraw,
+    generator: torch.Generator,
+    *,
+    process: ForwardProcess,
+    lam: float,
+    batch_size: int,
+    num_times: int,
+    chunk_size: int = 64,
+    max_points: int = 4096,
+    dt_min_rel: float = 1e-4,
+    dt_min_abs: float = 1e-5,
+    record: list[dict[str, Any]] | None = None,
+    network: nn.Module | None = None,
+) -> Tensor:
+    """ADCM's partition from a batched estimate of Δt*(t) (paper Eq. 10) on a grid of times.
+
+    The paper's Algorithm 1 (:func:`build_partition`) evaluates Eq. 10 at each point as it walks down
+    from t_max; only the trend of Δt*(t) matters (paper §3.2). Here E⟨v, e⟩ and E‖v‖² are estimated
+    once on ``num_times`` times spaced uniformly in ln ρ (the noise-to-signal ratio) from t_max to ε,
+    each from the same ``batch_size`` samples (:func:`step_statistics`, batched JVPs); they are
+    interpolated linearly in ln ρ (E‖v‖² through its logarithm, so it stays positive), and the
+    recursion t ← t − Δt with Δt = :func:`clamp_step` (λ/(1+λ)·num/den) runs on the interpolant with the
+    same clamps, floor and ``max_points`` as the sequential builder — without calling the network.
+
+    Args and return value as :func:`build_partition`, plus ``num_times`` (grid size, ≥ 2) and
+    ``chunk_size`` (rows per JVP call). ``record`` gets one dict per grid time (``t``, ``num``,
+    ``den``, ``dt_star``, ``grid=True``) and one per step (``t``, ``dt_star``, ``dt``, ``clamp``).
+    """
+    if max_points < 2:
+        raise ValueError(f"max_points must be >= 2, got {max_points}")
+    if num_times < 2:
+        raise ValueError(f"num_times must be >= 2, got {num_times}")
+    factor = lam_factor(lam)
+    if network is None and isinstance(fn, nn.Module):
+        network = fn
+    eps, t_max = float(process.eps), float(process.t_max)
+    rho_lo, rho_hi = process.rho_range
+    u_grid = torch.linspace(math.log(rho_hi), math.log(rho_lo), num_times, dtype=torch.float64)
+    times = process.time_from_noise_to_signal(torch.exp(u_grid)).to(torch.float64)
+    times[0], times[-1] = t_max, eps
+    with frozen_network(network):
+        x0 = sample_x0(batch_size, generator)
+        z = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+        num, den = step_statistics(fn, x0, z, times, process, chunk_size)
+    log_den = torch.log(den.clamp_min(torch.finfo(torch.float64).tiny))
+    if record is not None:
+        for tg, n, d in zip(times.tolist(), num.tolist(), den.tolist(), strict=True):
+            record.append({"t": tg, "num": n, "den": d, "dt_star": factor * n / d if d > 0 else math.inf, "grid": True})
+    # increasing abscissae for the interpolation
+    u_inc, num_inc, log_den_inc = u_grid.flip(0), num.flip(0), log_den.flip(0)
+
+    def dt_star_at(t: float) -> float:
+        u = math.log(float(process.noise_to_signal(torch.tensor(t, dtype=torch.float64))))
+        u = min(max(u, float(u_inc[0])), float(u_inc[-1]))
+        k = int(torch.searchsorted(u_inc, torch.tensor(u, dtype=torch.float64)).clamp(1, num_times - 1))
+        w = (u - float(u_inc[k - 1])) / float(u_inc[k] - u_inc[k - 1])
+        n = (1 - w) * float(num_inc[k - 1]) + w * float(num_inc[k])
+        d = math.exp((1 - w) * float(log_den_inc[k - 1]) + w * float(log_den_inc[k]))
+        return math.inf if factor > 0 and d == 0 else factor * n / d
+
+    t, points = t_max, [t_max]
+    while t > eps:
+        dt_star = dt_star_at(t)
+        dt, how = clamp_step(dt_star, t, eps, dt_min_rel, dt_min_abs)
+        t_next = eps if (dt >= t - eps or t - dt <= eps) else t - dt
+        if record is not None:
+            record.append({"t": t, "dt_star": dt_star, "dt": dt, "clamp": how})
+        t = t_next
+        points.append(t)
+        if len(points) > max_points:
+            raise PartitionTooLongError(
+                f"ADCM partition exceeds max_points={max_points} (at t={t:.6g}, eps={eps}); "
+                f"lambda={lam} is too small for this network, or raise max_points"
+            )
+    return torch.tensor(points, dtype=torch.float64)
+
+
 def _rebuild_seed(seed: int, iteration: int) -> int:
     """Mix (seed, iteration) into a 63-bit seed (splitmix64 finaliser)."""
     x = (seed * 0x9E3779B97F4A7C15 + iteration + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
@@ -274,6 +399,10 @@ class ADCMDiscretization(Discretization):
         p_mean, p_std: log-normal proposal (−1.1, 2.0 on CIFAR-10).
         dt_min_rel, dt_min_abs: clamp Δt_min(t) = max(dt_min_rel·t, dt_min_abs).
         seed: base seed of the partition-building generators.
+        builder: ``'sequential'`` (paper Algorithm 1, :func:`build_partition`: one Δt* estimate from a fresh
+            mini-batch of ``partition_batch_size`` per point) or ``'batched'`` (:func:`build_partition_batched`:
+            ``num_times`` estimates from ``partition_batch_size`` samples each, in JVP calls of
+            ``chunk_size`` rows, then the recursion on their interpolant).
     """
 
     def __init__(
@@ -289,7 +418,12 @@ class ADCMDiscretization(Discretization):
         dt_min_rel: float = 1e-4,
         dt_min_abs: float = 1e-5,
         seed: int = 0,
+        builder: Literal["sequential", "batched"] = "sequential",
+        num_times: int = 32,
+        chunk_size: int = 64,
     ) -> None:
+        if builder not in ("sequential", "batched"):
+            raise ValueError(f"builder must be 'sequential' or 'batched', got {builder!r}")
         if rebuild_every_iters <= 0:
             raise ValueError(f"rebuild_every_iters must be positive, got {rebuild_every_iters}")
         if partition_batch_size <= 0:
@@ -307,6 +441,7 @@ class ADCMDiscretization(Discretization):
         self.p_mean, self.p_std = p_mean, p_std
         self.dt_min_rel, self.dt_min_abs = dt_min_rel, dt_min_abs
         self.seed = seed
+        self.builder, self.num_times, self.chunk_size = builder, num_times, chunk_size
         self._partitions: list[tuple[int, Tensor]] = []
         self._probs: Tensor | None = None
         self.last_build_record: list[dict[str, Any]] = []
@@ -363,10 +498,7 @@ class ADCMDiscretization(Discretization):
         gen = torch.Generator().manual_seed(_rebuild_seed(self.seed, iteration))
         record: list[dict[str, Any]] = []
         self.last_build_record = record
-        points = build_partition(
-            fn,
-            sample_x0,
-            gen,
+        common: dict[str, Any] = dict(
             process=self.process,
             lam=self.lam_at(iteration),
             batch_size=self.partition_batch_size,
@@ -376,6 +508,12 @@ class ADCMDiscretization(Discretization):
             record=record,
             network=network,
         )
+        if self.builder == "batched":
+            points = build_partition_batched(
+                fn, sample_x0, gen, num_times=self.num_times, chunk_size=self.chunk_size, **common
+            )
+        else:
+            points = build_partition(fn, sample_x0, gen, **common)
         self._partitions.append((int(iteration), points))
         self._probs = None
 

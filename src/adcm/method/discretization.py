@@ -53,6 +53,7 @@ __all__ = [
     "PairBatch",
     "check_decreasing",
     "check_kind",
+    "fraction_of_run",
     "frozen_network",
     "lognormal_interval_probs",
     "pairs_from_grid",
@@ -248,3 +249,8 @@ def pairs_from_grid(
 def check_kind(state: dict[str, Any], kind: str) -> None:
     if state.get("kind") != kind:
         raise ValueError(f"state_dict is for discretization {state.get('kind')!r}, not {kind!r}")
+
+
+def fraction_of_run(fraction: float, total_iters: int) -> int:
+    """A period given as a fraction of the run, in whole steps (at least one): schedules scale with the run."""
+    return max(1, round(fraction * total_iters))

@@ -198,7 +198,7 @@ def _plot_schedules(path: Path, runs: list[dict[str, Any]], params: Params) -> N
         params.process, params.processes.range_of(params.process).eps, params.processes.range_of(params.process).t_max
     )
     for it, style in ((0, "--"), (total - 1, ":")):
-        ect = ect_steps(params.train, it, process)
+        ect = ect_steps(params.train, it, total, process)
         ict = ict_steps(params.train, it, total, process)
         ax.plot(ect["t"], ect["dt"], style, color="tab:red", lw=1.1, label=f"ECT at it {it}")
         ax.plot(ict["t"], ict["dt"], style, color="tab:orange", lw=1.1, label=f"iCT at it {it}")

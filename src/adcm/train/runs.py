@@ -35,7 +35,7 @@ from adcm.io.datasets import ImageDataset, load_prepared
 from adcm.io.files import sha256_file
 from adcm.io.model_files import StudentFile, TeacherFile, load_teacher
 from adcm.method.adcm import ADCMDiscretization
-from adcm.method.discretization import Discretization
+from adcm.method.discretization import Discretization, fraction_of_run
 from adcm.method.ect import ECTDiscretization
 from adcm.method.ict import ICTDiscretization
 from adcm.method.losses import ict_huber_c
@@ -199,23 +199,31 @@ def huber_c_for(method: Method, cfg: TrainConfig, data_dim: int) -> float:
 def make_discretization(
     method: Method, lam: float, cfg: TrainConfig, total_iters: int, seed: int, process: ForwardProcess
 ) -> Discretization:
-    """The discretization of ``method``; ADCM's λ spans diffusion (λ → ∞) to continuous time (λ = 0)."""
+    """The discretization of ``method``; ADCM's λ spans diffusion (λ → ∞) to continuous time (λ = 0).
+
+    ECT's stages and ADCM's rebuild period are fractions of the run (``total_iters``), iCT's curriculum
+    is defined on it: doubling the duration keeps every schedule proportional.
+    """
     if method == "adcm":
         a = cfg.adcm
         return ADCMDiscretization(
             process,
             lam,
-            a.rebuild_every_iters,
+            fraction_of_run(a.rebuild_fraction, total_iters),
             a.partition_batch_size,
             max_points=a.max_points,
             interval_sampling=a.interval_sampling,
             p_mean=a.p_mean,
             p_std=a.p_std,
             seed=seed,
+            builder=a.partition,
+            num_times=a.partition_times,
         )
     if method == "ect":
         e = cfg.ect
-        return ECTDiscretization(process, e.stage_iters, p_mean=e.p_mean, p_std=e.p_std, k=e.k, b=e.b, q=e.q)
+        return ECTDiscretization(
+            process, fraction_of_run(e.stage_fraction, total_iters), p_mean=e.p_mean, p_std=e.p_std, k=e.k, b=e.b, q=e.q
+        )
     if method == "ict":
         i = cfg.ict
         return ICTDiscretization(process, total_iters, s0=i.s0, s1=i.s1, rho=i.rho, p_mean=i.p_mean, p_std=i.p_std)
@@ -235,7 +243,7 @@ def make_objective(
             p_mean=s.p_mean,
             p_std=s.p_std,
             tangent_norm_c=s.tangent_norm_c,
-            warmup_iters=s.warmup_iters,
+            warmup_iters=round(s.warmup_fraction * total_iters),
             weight_channels=s.weight_channels if s.adaptive_weight else None,
         )
     disc = make_discretization(method, lam, cfg, total_iters, seed, process)
