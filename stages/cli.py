@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import typer
-from adcm.stages import prepare, sample, schedule, score, study, teacher, train
+
+from adcm.stages import export, prepare, sample, schedule, score, study, teacher, train
 
 app = typer.Typer(
     name="adcm",
@@ -21,6 +22,7 @@ schedule.register(app)
 sample.register(app)
 score.register(app)
 study.register(app)
+export.register(app)
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from adcm.stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 from adcm.io.datasets import prepare_dataset, write_prepared
+from adcm.stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 
 @user_errors

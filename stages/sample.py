@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
@@ -17,6 +16,7 @@ from adcm.io.files import atomic_path
 from adcm.io.images import save_grid
 from adcm.io.model_files import load_student, load_teacher
 from adcm.sampling.generate import Sampler, generate, heun_for, student_sampler
+from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 
 class Which(str, enum.Enum):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from adcm.stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 from adcm.eval.schedule import write_schedule_report
 from adcm.io.files import write_json
 from adcm.io.model_files import load_student
+from adcm.stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 
 @user_errors

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn, TimeRemainingColumn
 
@@ -18,6 +17,7 @@ from adcm.eval.fid import build_extractor, image_features, resolve_inception_wei
 from adcm.eval.metrics import ReferenceGeometry, set_metrics
 from adcm.eval.reference import compute_reference, held_out_images, load_reference
 from adcm.io.files import write_json
+from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 DATA_OPTION = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared training images.")
 REF_OPTION = typer.Option(

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from adcm.stages.common import PARAMS_OPTION, user_errors
 
 from adcm.config import load_params, load_study
 from adcm.devices import resolve_device
 from adcm.io.datasets import load_prepared
 from adcm.io.model_files import load_teacher
+from adcm.stages.common import PARAMS_OPTION, user_errors
 from adcm.study.plan import find_arm, study_scale
 from adcm.study.report import report_study
 from adcm.study.runner import eval_setup, run_one, run_study, teacher_ceiling

@@ -7,6 +7,14 @@ from pathlib import Path
 
 import torch
 import typer
+
+from adcm.config import OnConfigChange
+from adcm.devices import resolve_device
+from adcm.io.files import write_json
+from adcm.io.images import save_grid
+from adcm.io.model_files import save_teacher
+from adcm.io.teacher_import import import_teacher
+from adcm.sampling.generate import generate, heun_for, uniform_label_probs
 from adcm.stages.common import (
     FRESH_OPTION,
     ON_CONFIG_CHANGE_OPTION,
@@ -17,14 +25,6 @@ from adcm.stages.common import (
     read_params,
     user_errors,
 )
-
-from adcm.config import OnConfigChange
-from adcm.devices import resolve_device
-from adcm.io.files import write_json
-from adcm.io.images import save_grid
-from adcm.io.model_files import save_teacher
-from adcm.io.teacher_import import import_teacher
-from adcm.sampling.generate import generate, heun_for, uniform_label_probs
 from adcm.train.runs import run_teacher
 
 

@@ -7,6 +7,13 @@ from pathlib import Path
 
 import torch
 import typer
+
+from adcm.config import OnConfigChange
+from adcm.devices import resolve_device
+from adcm.io.files import write_json
+from adcm.io.images import save_grid
+from adcm.io.model_files import save_student
+from adcm.sampling.generate import ConsistencySampler, generate, uniform_label_probs
 from adcm.stages.common import (
     FRESH_OPTION,
     ON_CONFIG_CHANGE_OPTION,
@@ -17,13 +24,6 @@ from adcm.stages.common import (
     read_params,
     user_errors,
 )
-
-from adcm.config import OnConfigChange
-from adcm.devices import resolve_device
-from adcm.io.files import write_json
-from adcm.io.images import save_grid
-from adcm.io.model_files import save_student
-from adcm.sampling.generate import ConsistencySampler, generate, uniform_label_probs
 from adcm.train.distributed import init_distributed
 from adcm.train.runs import run_student
 

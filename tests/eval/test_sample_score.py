@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from adcm.stages.cli import app
 from conftest import synthetic_dataset, tiny_params, write_params
 from typer.testing import CliRunner
 
@@ -18,6 +17,7 @@ from adcm.io.model_files import StudentFile, TeacherFile, save_student, save_tea
 from adcm.nets.precond import consistency_function, denoiser
 from adcm.processes import FMProcess, TrigFlowProcess, VEProcess, coordinates
 from adcm.sampling.generate import ConsistencySampler, HeunSampler, Sampler, generate
+from adcm.stages.cli import app
 from adcm.train.runs import network_kwargs_for
 
 CPU = torch.device("cpu")

@@ -127,3 +127,29 @@ def test_discretization_uses_the_chosen_builder() -> None:
         assert (len(grid) == 8) == (builder == "batched")
     with pytest.raises(ValueError, match="builder"):
         ADCMDiscretization(proc, 0.1, 10, 16, builder="parallel")  # type: ignore[arg-type]
+
+
+def test_non_positive_estimates_are_bridged_by_the_trend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where E⟨v, e⟩ ≤ 0 at some grid times (no step from Eq. 10), the walk follows the log–log trend of the
+    positive neighbours instead of crawling on the floor Δt_min."""
+    import adcm.method.adcm as adcm_module
+
+    proc = VEProcess(eps=EPS, t_max=2.0)
+
+    def fake(fn, x0, z, times, process, chunk_size):  # Δt* = 0.1·t exactly, except negative at the middle times
+        num = 0.1 * times.clone()
+        num[3:6] = -1.0
+        return num, torch.ones_like(times)
+
+    monkeypatch.setattr(adcm_module, "step_statistics", fake)
+    pts = build_partition_batched(
+        gauss_fn,
+        gauss_sampler(4),
+        torch.Generator().manual_seed(0),
+        process=proc,
+        lam=math.inf,
+        batch_size=4,
+        num_times=10,
+    )
+    steps = (pts[:-2] - pts[1:-1]) / pts[:-2]
+    assert torch.allclose(steps, torch.full_like(steps, 0.1), rtol=1e-6)  # Δt = 0.1·t everywhere, no floor steps

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from adcm.stages.cli import app
 from conftest import synthetic_dataset, tiny_params, write_params
 from typer.testing import CliRunner
 
@@ -19,6 +18,7 @@ from adcm.config import parse_params
 from adcm.io.datasets import write_prepared
 from adcm.io.model_files import TeacherFile, save_teacher
 from adcm.nets.precond import denoiser
+from adcm.stages.cli import app
 from adcm.train.runs import network_kwargs_for
 
 runner = CliRunner()

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from adcm.stages.cli import app
 from conftest import ROOT, repo_params, set_key, tiny_params, write_params
 from typer.testing import CliRunner
 
 from adcm.config import load_params
 from adcm.io.model_files import load_teacher
+from adcm.stages.cli import app
 
 runner = CliRunner()
 

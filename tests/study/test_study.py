@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from adcm.stages.cli import app
 from conftest import ROOT, tiny_params, write_params
 from typer.testing import CliRunner
 
 from adcm.config import ParamsError, load_study
 from adcm.eval.fid import fid_helper_weights_path
 from adcm.io.datasets import write_prepared
+from adcm.stages.cli import app
 from adcm.study.report import summarise
 
 STUDY = ROOT / "study" / "params.yaml"

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from adcm.stages.cli import app
 from conftest import synthetic_dataset, tiny_params, write_params
 from typer.testing import CliRunner
 
 from adcm.config import parse_params
 from adcm.errors import CheckpointError, TrainingError
 from adcm.io.model_files import TeacherFile, load_student, load_teacher, save_teacher
+from adcm.stages.cli import app
 from adcm.train.batches import BatchSource
 from adcm.train.loop import RunResult, train
 from adcm.train.runs import network_kwargs_for, student_file, student_spec

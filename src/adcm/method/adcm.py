@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -306,8 +307,10 @@ def build_partition_batched(
     The paper's Algorithm 1 (:func:`build_partition`) evaluates Eq. 10 at each point as it walks down
     from t_max; only the trend of Δt*(t) matters (paper §3.2). Here E⟨v, e⟩ and E‖v‖² are estimated
     once on ``num_times`` times spaced uniformly in ln ρ (the noise-to-signal ratio) from t_max to ε,
-    each from the same ``batch_size`` samples (:func:`step_statistics`, batched JVPs); they are
-    interpolated linearly in ln ρ (E‖v‖² through its logarithm, so it stays positive), and the
+    each from the same ``batch_size`` samples (:func:`step_statistics`, batched JVPs); their ratio is
+    interpolated linearly in ln ρ through its logarithm (log–log: the trend), over the grid times where
+    it is positive (**decision**: where E⟨v, e⟩ ≤ 0 Eq. 10 gives no step; such times are bridged from
+    their neighbours, and the nearest positive value extends beyond the ends), and the
     recursion t ← t − Δt with Δt = :func:`clamp_step` (λ/(1+λ)·num/den) runs on the interpolant with the
     same clamps, floor and ``max_points`` as the sequential builder — without calling the network.
 
@@ -331,21 +334,23 @@ def build_partition_batched(
         x0 = sample_x0(batch_size, generator)
         z = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
         num, den = step_statistics(fn, x0, z, times, process, chunk_size)
-    log_den = torch.log(den.clamp_min(torch.finfo(torch.float64).tiny))
+    ratio = num / den.clamp_min(torch.finfo(torch.float64).tiny)
     if record is not None:
-        for tg, n, d in zip(times.tolist(), num.tolist(), den.tolist(), strict=True):
-            record.append({"t": tg, "num": n, "den": d, "dt_star": factor * n / d if d > 0 else math.inf, "grid": True})
-    # increasing abscissae for the interpolation
-    u_inc, num_inc, log_den_inc = u_grid.flip(0), num.flip(0), log_den.flip(0)
+        for tg, n, d, r in zip(times.tolist(), num.tolist(), den.tolist(), ratio.tolist(), strict=True):
+            record.append({"t": tg, "num": n, "den": d, "dt_star": factor * r, "grid": True})
+    # The trend of Δt*(t) in log–log coordinates, from the grid times where the estimate is positive (where the
+    # numerator E⟨v, e⟩ is not, Eq. 10 gives no step; the interpolant bridges such times from their neighbours
+    # and extends the nearest positive value beyond the ends). Increasing abscissae for the interpolation.
+    valid = (ratio > 0).flip(0)
+    u_inc, log_ratio = u_grid.flip(0)[valid].numpy(), torch.log(ratio.flip(0)[valid]).numpy()
 
     def dt_star_at(t: float) -> float:
+        if factor == 0:
+            return 0.0
+        if len(u_inc) == 0:  # nowhere positive: every step is the floor
+            return 0.0
         u = math.log(float(process.noise_to_signal(torch.tensor(t, dtype=torch.float64))))
-        u = min(max(u, float(u_inc[0])), float(u_inc[-1]))
-        k = int(torch.searchsorted(u_inc, torch.tensor(u, dtype=torch.float64)).clamp(1, num_times - 1))
-        w = (u - float(u_inc[k - 1])) / float(u_inc[k] - u_inc[k - 1])
-        n = (1 - w) * float(num_inc[k - 1]) + w * float(num_inc[k])
-        d = math.exp((1 - w) * float(log_den_inc[k - 1]) + w * float(log_den_inc[k]))
-        return math.inf if factor > 0 and d == 0 else factor * n / d
+        return factor * math.exp(float(np.interp(u, u_inc, log_ratio)))
 
     t, points = t_max, [t_max]
     while t > eps:
