@@ -77,3 +77,13 @@ def test_heun_sampler_is_exact_for_gaussian_data() -> None:
     assert errors[0] < 0.06 and errors[2] < 1e-3
     assert errors[0] / errors[1] > (50 / 18) ** 2 * 0.8  # second order in the step count
     assert len(sigmas) == 18 and sigmas[0] == 80.0 and sigmas[-1] == pytest.approx(0.002)
+
+
+def test_checkpoint_further_than_the_duration_is_refused(tmp_path: Path) -> None:
+    """A longer run continues a shorter one (the duration is not in the teacher's fingerprint), but a checkpoint
+    further along than the requested duration is refused rather than silently returned."""
+    _train(tmp_path, "a.pt", 0.064)
+    with pytest.raises(CheckpointError, match=r"further than the requested 0\.032 kimg.*--fresh"):
+        _train(tmp_path, "a.pt", 0.032)
+    longer = _train(tmp_path, "a.pt", 0.096)
+    assert longer.resumed_from_kimg == pytest.approx(0.064) and longer.steps == 6
