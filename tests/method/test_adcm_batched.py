@@ -130,8 +130,9 @@ def test_discretization_uses_the_chosen_builder() -> None:
 
 
 def test_non_positive_estimates_are_bridged_by_the_trend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where E⟨v, e⟩ ≤ 0 at some grid times (no step from Eq. 10), the walk follows the log–log trend of the
-    positive neighbours instead of crawling on the floor Δt_min."""
+    """Where E⟨v, e⟩ is ≤ 0 or within two standard errors of 0 at some grid times (no step from Eq. 10 that
+    the samples resolve), the walk follows the log–log trend of the resolved neighbours instead of crawling
+    on the floor Δt_min or on a spuriously tiny step."""
     import adcm.method.adcm as adcm_module
 
     proc = VEProcess(eps=EPS, t_max=2.0)
@@ -139,7 +140,10 @@ def test_non_positive_estimates_are_bridged_by_the_trend(monkeypatch: pytest.Mon
     def fake(fn, x0, z, times, process, chunk_size):  # Δt* = 0.1·t exactly, except negative at the middle times
         num = 0.1 * times.clone()
         num[3:6] = -1.0
-        return num, torch.ones_like(times)
+        num[6] = 1e-3 * times[6]  # positive but within two standard errors of zero: unresolved
+        se = torch.full_like(times, 1e-9)
+        se[6] = 1.0
+        return num, torch.ones_like(times), se
 
     monkeypatch.setattr(adcm_module, "step_statistics", fake)
     pts = build_partition_batched(

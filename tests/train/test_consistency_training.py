@@ -385,3 +385,28 @@ def test_teacher_train_sample_schedule_pipeline_per_process(tmp_path: Path, meth
     assert sched["process"] == expected and len(sched["partitions"]) == (2 if method == "adcm" else 0)
     assert sched["ect"]["t"] and all(0 < t <= sched["t_max"] for t in sched["ect"]["t"])
     assert (tmp_path / "sched" / "schedule.png").stat().st_size > 1000
+
+
+def test_schedules_are_proportional_to_the_run() -> None:
+    """Doubling train.duration_kimg doubles ECT's stage length, ADCM's rebuild period, sCT's warm-up and iCT's
+    curriculum steps: every method stays faithful to its schedule at any budget."""
+    from adcm.processes import TrigFlowProcess, VEProcess
+    from adcm.train.runs import make_objective
+
+    cfg = _params(
+        **{"train.ect.stage_fraction": 0.25, "train.adcm.rebuild_fraction": 0.25, "train.sct.warmup_fraction": 0.025}
+    ).train
+    ve, trig = VEProcess(), TrigFlowProcess()
+    for total in (400, 800):
+        ect = make_objective("ect", 0.01, cfg, total, 0, ve, 64)
+        adcm = make_objective("adcm", 0.01, cfg, total, 0, ve, 64)
+        ict = make_objective("ict", 0.01, cfg, total, 0, ve, 64)
+        sct = make_objective("sct", 0.01, cfg, total, 0, trig, 64)
+        assert ect.disc.stage_iters == total // 4  # type: ignore[attr-defined]
+        assert adcm.disc.rebuild_every_iters == total // 4  # type: ignore[attr-defined]
+        assert ict.disc.total_iters == total  # type: ignore[attr-defined]
+        assert sct.warmup_iters == total // 40  # type: ignore[attr-defined]
+        # ADCM rebuilds at 0, 25, 50 and 75 % of the run
+        assert [
+            s for s in range(total) if adcm.disc.rebuild_every_iters and s % adcm.disc.rebuild_every_iters == 0
+        ] == [0, total // 4, total // 2, 3 * total // 4]  # type: ignore[attr-defined]

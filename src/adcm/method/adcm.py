@@ -242,6 +242,10 @@ def build_partition(
     return torch.tensor(points, dtype=torch.float64)
 
 
+#: The batched builder uses the grid times where E⟨v, e⟩ exceeds this many standard errors of its estimate.
+NUM_SE_MARGIN = 2.0
+
+
 def step_statistics(
     fn: ConsistencyFn,
     x0: Tensor,
@@ -249,7 +253,7 @@ def step_statistics(
     times: Tensor,
     process: ForwardProcess,
     chunk_size: int,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """E⟨v, e⟩ and E‖v‖² of paper Eq. 10 at every time of ``times``, over the same samples (x0, z).
 
     Every (time, sample) pair is one row of a batched JVP (:func:`consistency_velocity`; rows of
@@ -264,11 +268,13 @@ def step_statistics(
         chunk_size: rows per JVP call.
 
     Returns:
-        (num, den), each (G,) float64 on the CPU.
+        (num, den, num_se), each (G,) float64 on the CPU: the two batch means and the standard error of
+        the numerator's mean (its per-sample spread over √M).
     """
     m, g = x0.shape[0], times.numel()
     rows = g * m
     num, den = torch.zeros(g, dtype=torch.float64), torch.zeros(g, dtype=torch.float64)
+    num_sq = torch.zeros(g, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, rows, chunk_size):
             idx = torch.arange(start, min(start + chunk_size, rows))
@@ -278,12 +284,15 @@ def step_statistics(
             x_t = process.x_t(xs, zs, t)
             f, v = consistency_velocity(fn, x_t, t, process.dx_dt(xs, zs, t))
             v64, e64 = v.double().flatten(1), (f - xs).double().flatten(1)
-            num.index_add_(0, which_t, (v64 * e64).sum(1).cpu())
+            inner = (v64 * e64).sum(1).cpu()
+            num.index_add_(0, which_t, inner)
+            num_sq.index_add_(0, which_t, inner * inner)
             den.index_add_(0, which_t, (v64 * v64).sum(1).cpu())
     num, den = num / m, den / m
+    num_se = ((num_sq / m - num * num).clamp_min(0) * m / max(m - 1, 1) / m).sqrt()
     if not (bool(torch.isfinite(num).all()) and bool(torch.isfinite(den).all())):
         raise ValueError("non-finite ADCM statistics in the batched estimate")
-    return num, den
+    return num, den, num_se
 
 
 def build_partition_batched(
@@ -309,8 +318,9 @@ def build_partition_batched(
     once on ``num_times`` times spaced uniformly in ln ρ (the noise-to-signal ratio) from t_max to ε,
     each from the same ``batch_size`` samples (:func:`step_statistics`, batched JVPs); their ratio is
     interpolated linearly in ln ρ through its logarithm (log–log: the trend), over the grid times where
-    it is positive (**decision**: where E⟨v, e⟩ ≤ 0 Eq. 10 gives no step; such times are bridged from
-    their neighbours, and the nearest positive value extends beyond the ends), and the
+    the numerator E⟨v, e⟩ is positive by more than ``NUM_SE_MARGIN`` standard errors (**decision**: where
+    it is not, Eq. 10 gives no step the samples can resolve; such times are bridged from their
+    neighbours, and the nearest resolved value extends beyond the ends), and the
     recursion t ← t − Δt with Δt = :func:`clamp_step` (λ/(1+λ)·num/den) runs on the interpolant with the
     same clamps, floor and ``max_points`` as the sequential builder — without calling the network.
 
@@ -333,15 +343,17 @@ def build_partition_batched(
     with frozen_network(network):
         x0 = sample_x0(batch_size, generator)
         z = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
-        num, den = step_statistics(fn, x0, z, times, process, chunk_size)
+        num, den, num_se = step_statistics(fn, x0, z, times, process, chunk_size)
     ratio = num / den.clamp_min(torch.finfo(torch.float64).tiny)
     if record is not None:
-        for tg, n, d, r in zip(times.tolist(), num.tolist(), den.tolist(), ratio.tolist(), strict=True):
-            record.append({"t": tg, "num": n, "den": d, "dt_star": factor * r, "grid": True})
+        for tg, n, se, d, r in zip(
+            times.tolist(), num.tolist(), num_se.tolist(), den.tolist(), ratio.tolist(), strict=True
+        ):
+            record.append({"t": tg, "num": n, "num_se": se, "den": d, "dt_star": factor * r, "grid": True})
     # The trend of Δt*(t) in log–log coordinates, from the grid times where the estimate is positive (where the
     # numerator E⟨v, e⟩ is not, Eq. 10 gives no step; the interpolant bridges such times from their neighbours
     # and extends the nearest positive value beyond the ends). Increasing abscissae for the interpolation.
-    valid = (ratio > 0).flip(0)
+    valid = (num > NUM_SE_MARGIN * num_se).flip(0)
     u_inc, log_ratio = u_grid.flip(0)[valid].numpy(), torch.log(ratio.flip(0)[valid]).numpy()
 
     def dt_star_at(t: float) -> float:
