@@ -32,6 +32,7 @@ def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 TINY: dict[str, Any] = {
     "prepare.resolution": 8,
+    "teacher.source": "train",  # tests train their tiny teachers (the repository default imports a shipped one)
     "teacher.device": "cpu",
     "teacher.network.model_channels": 8,
     "teacher.network.channel_mult": [1, 2],
@@ -48,6 +49,27 @@ TINY: dict[str, Any] = {
     "teacher.sampler.num_steps": 3,
     "teacher.sampler.grid_rows": 2,
 }
+
+
+TRAIN_TINY: dict[str, Any] = {
+    "train.device": "cpu",
+    "train.duration_kimg": 0.064,  # 4 iterations of 16
+    "train.batch_size": 16,
+    "train.batch_per_step": 8,
+    "train.lr": 1e-3,
+    "train.ema_halflife_kimg": 0.02,
+    "train.grid_every_kimg": 0.032,
+    "train.checkpoint_every_kimg": 0.016,
+    "train.log_every_kimg": 0.016,
+    "train.adcm.rebuild_fraction": 0.5,
+    "train.adcm.partition": "sequential",  # Algorithm 1: the reference of the regression data and DDP tests
+    "train.adcm.partition_batch_size": 4,
+    "train.ect.stage_fraction": 0.5,
+    "train.sct.warmup_fraction": 0.5,
+    "train.sct.weight_channels": 8,
+    "lambda": 0.5,
+}
+"""Consistency training at tiny sizes (with TINY): 4 iterations, every period and schedule within them."""
 
 
 def tiny_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:

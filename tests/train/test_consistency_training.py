@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_dataset, tiny_params, write_params
+from conftest import TRAIN_TINY, synthetic_dataset, tiny_params, write_params
 from typer.testing import CliRunner
 
 from adcm.config import parse_params
@@ -26,24 +26,6 @@ from adcm.train.loop import RunResult, train
 from adcm.train.runs import network_kwargs_for, student_file, student_spec
 
 CPU = torch.device("cpu")
-TRAIN_TINY = {
-    "train.device": "cpu",
-    "train.duration_kimg": 0.064,  # 4 iterations of 16
-    "train.batch_size": 16,
-    "train.batch_per_step": 8,
-    "train.lr": 1e-3,
-    "train.ema_halflife_kimg": 0.02,
-    "train.grid_every_kimg": 0.032,
-    "train.checkpoint_every_kimg": 0.016,
-    "train.log_every_kimg": 0.016,
-    "train.adcm.rebuild_fraction": 0.5,
-    "train.adcm.partition": "sequential",
-    "train.adcm.partition_batch_size": 4,
-    "train.ect.stage_fraction": 0.5,
-    "train.sct.warmup_fraction": 0.5,
-    "train.sct.weight_channels": 8,
-    "lambda": 0.5,
-}
 
 
 def _params(**overrides):
