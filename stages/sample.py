@@ -11,11 +11,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
 from adcm.devices import resolve_device
-from adcm.io.datasets import load_prepared
 from adcm.io.files import atomic_path
 from adcm.io.images import save_grid
 from adcm.io.model_files import load_student, load_teacher
-from adcm.sampling.generate import Sampler, generate, heun_for, student_sampler
+from adcm.sampling.generate import (
+    Sampler,
+    balanced_labels,
+    chosen_labels,
+    generate,
+    heun_for,
+    sample_grid,
+    student_sampler,
+    uniform_label_probs,
+)
 from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 
@@ -33,30 +41,38 @@ def sample(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
     model: Path = typer.Option(..., help="models/student.pt for 1step/2step, models/teacher.pt for teacher."),
-    data: Path = typer.Option(
-        Path("data/prepared/dataset.npz"), help="Prepared data: the class distribution of conditional models."
+    out: Path = typer.Option(
+        ...,
+        help="Output .npz with `images` (N, C, H, W) uint8, `seeds` and `labels` (N,) int64 (empty if unconditional).",
     ),
-    out: Path = typer.Option(..., help="Output .npz with `images` (N, C, H, W) uint8 and `seeds`."),
-    grid: Path = typer.Option(..., help="PNG grid of the first sample.grid_rows² images."),
+    grid: Path = typer.Option(
+        ...,
+        help="PNG grid of sample.grid_rows² images: the first ones, or for a conditional model with class_label null one class per row.",
+    ),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Draw sample.num_images images; image i depends only on seed sample.first_seed + i.
 
-    1step/2step sample the consistency model in its own process (the student file records it; 2step's intermediate point is sample.t_mid.<method>, a VE σ converted to that process's time); teacher runs EDM's Heun sampler on the teacher (teacher.sampler's σ range and ρ, sample.teacher_steps levels) in VE coordinates."""
+    1step/2step sample the consistency model in its own process (the student file records it; 2step's intermediate point is sample.t_mid.<method>, a VE σ converted to that process's time); teacher runs EDM's Heun sampler on the teacher (teacher.sampler's σ range and ρ, sample.teacher_steps levels) in VE coordinates.
+
+    A class-conditional model gets an exactly class-balanced set (image of seed s has class s mod K) with sample.class_label null, or that one class for every image; the labels are written with the images."""
     p = read_params(params, set_)
     cfg = p.sample
     device = resolve_device(cfg.device, "sample.device")
     if sampler is Which.teacher:
         teacher = load_teacher(model)
-        net, kwargs = teacher.denoiser(), teacher.network_kwargs
+        net, shape, classes = teacher.denoiser(), teacher.image_shape, teacher.label_dim
         s = p.teacher.sampler
         method: Sampler = heun_for(teacher, cfg.teacher_steps, s.sigma_min, s.sigma_max, s.rho)
     else:
         student = load_student(model)
-        net, kwargs = student.consistency_function(), student.network_kwargs
+        net, shape, classes = student.consistency_function(), student.image_shape, student.label_dim
         method = student_sampler(student, 1 if sampler is Which.one else 2, getattr(cfg.t_mid, student.method))
-    probs = load_prepared(data).label_probs(kwargs["label_dim"]) if kwargs["label_dim"] else None
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.num_images))
+    if cfg.class_label is not None:
+        labels: list[int] | None = chosen_labels(len(seeds), classes, cfg.class_label)
+    else:
+        labels = balanced_labels(seeds, classes) if classes else None
     with Progress(
         "[bold]sample " + sampler.value,
         BarColumn(),
@@ -71,15 +87,35 @@ def sample(
             net,
             method,
             seeds,
-            shape=(kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"]),
+            shape=shape,
             batch_size=cfg.batch_size,
             device=device,
-            label_probs=probs,
+            label_probs=uniform_label_probs(classes),
+            class_labels=labels,
             progress=lambda done: bar.update(task, completed=done),
         )
     with atomic_path(out) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, images=images, seeds=np.asarray(seeds, dtype=np.int64))
-    save_grid(grid, images[: cfg.grid_rows**2], cfg.grid_rows)
+        np.savez(
+            handle,
+            images=images,
+            seeds=np.asarray(seeds, dtype=np.int64),
+            labels=np.asarray(labels if labels is not None else [], dtype=np.int64),
+        )
+    if classes and cfg.class_label is None:  # one class per row, from the set where it holds the images
+        grid_images = sample_grid(
+            net,
+            method,
+            cfg.grid_rows,
+            shape=shape,
+            num_classes=classes,
+            batch_size=cfg.batch_size,
+            device=device,
+            first_seed=cfg.first_seed,
+            available=(seeds, images),
+        )
+    else:
+        grid_images = images[: cfg.grid_rows**2]
+    save_grid(grid, grid_images, cfg.grid_rows)
     typer.echo(f"sample {sampler.value}: {len(images)} images → {out}")
 
 

@@ -1,4 +1,4 @@
-"""`adcm teacher`: train a diffusion teacher here (VE/EDM, FM or TrigFlow), or import EDM's released pickle safely."""
+"""`adcm teacher`: train a diffusion teacher here (VE/EDM, FM or TrigFlow), or import EDM's or EDM2's released pickle safely."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from adcm.io.files import write_json
 from adcm.io.images import save_grid
 from adcm.io.model_files import save_teacher
 from adcm.io.teacher_import import import_teacher
-from adcm.sampling.generate import generate, heun_for, uniform_label_probs
+from adcm.sampling.generate import heun_for, sample_grid
 from adcm.stages.common import (
     FRESH_OPTION,
     ON_CONFIG_CHANGE_OPTION,
@@ -36,9 +36,12 @@ def teacher(
     out: Path = typer.Option(
         Path("models/teacher.pt"),
         help="Teacher file written (loadable with "
-        "torch.load(..., weights_only=True)): network settings + EMA weights, EDM's names.",
+        "torch.load(..., weights_only=True)): network kind and settings + EMA weights, EDM's names.",
     ),
-    grid: Path = typer.Option(Path("reports/teacher/grid.png"), help="PNG grid of Heun samples from the teacher."),
+    grid: Path = typer.Option(
+        Path("reports/teacher/grid.png"),
+        help="PNG grid of Heun samples from the teacher (conditional: one class per row).",
+    ),
     metrics: Path = typer.Option(Path("metrics/teacher.json"), help="JSON metrics: time, kimg, final loss, …"),
     checkpoint_dir: Path = typer.Option(
         Path("checkpoints/teacher"), help="Resumable training state (source: train); a re-run continues from it."
@@ -48,9 +51,9 @@ def teacher(
     on_config_change: OnConfigChange = ON_CONFIG_CHANGE_OPTION,
     progress: bool = PROGRESS_OPTION,
 ) -> None:
-    """Produce the diffusion teacher: train one in `process` (EDM loss for ve, velocity loss for fm, TrigFlow diffusion loss for trigflow; Adam, EMA) or import EDM's pickle without executing it (a ve teacher).
+    """Produce the diffusion teacher: train one in `process` (EDM loss for ve, velocity loss for fm, TrigFlow diffusion loss for trigflow; Adam, EMA) or import an EDM (DDPM++) or EDM2 snapshot pickle without executing it (a ve teacher; the file's network class says which).
 
-    Every source writes the same teacher file, after the network has been rebuilt and its weights checked; the command ends by drawing a sample grid with EDM's deterministic Heun sampler (teacher.sampler; 18 steps = 35 NFE), run in VE coordinates for every process."""
+    Every source writes the same teacher file, after the network has been rebuilt and its weights checked; the command ends by drawing a sample grid with EDM's deterministic Heun sampler (teacher.sampler; 18 steps = 35 NFE), run in VE coordinates for every process; a class-conditional teacher shows one class per row."""
     p = read_params(params, set_)
     cfg = p.teacher
     device = resolve_device(cfg.device, "teacher.device")
@@ -71,20 +74,19 @@ def teacher(
         )
     else:
         result = import_teacher(cfg, show_progress=progress)
-        summary = {"process": "ve", "pickle_sha256": result.meta["pickle_sha256"]}
+        summary = {"process": "ve", "network": result.network, "pickle_sha256": result.meta["pickle_sha256"]}
     net = result.denoiser()
     save_teacher(out, result)
-    kwargs = result.network_kwargs
     s = cfg.sampler
     t0 = time.perf_counter()
-    images = generate(
+    images = sample_grid(
         net,
         heun_for(result, s.num_steps, s.sigma_min, s.sigma_max, s.rho),
-        list(range(s.grid_rows**2)),
-        shape=(kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"]),
+        s.grid_rows,
+        shape=result.image_shape,
+        num_classes=result.label_dim,
         batch_size=s.grid_rows**2,
         device=device,
-        label_probs=uniform_label_probs(kwargs["label_dim"]),
     )
     save_grid(grid, images, s.grid_rows)
     write_json(

@@ -13,7 +13,7 @@ from adcm.devices import resolve_device
 from adcm.io.files import write_json
 from adcm.io.images import save_grid
 from adcm.io.model_files import save_student
-from adcm.sampling.generate import ConsistencySampler, generate, uniform_label_probs
+from adcm.sampling.generate import ConsistencySampler, sample_grid
 from adcm.stages.common import (
     FRESH_OPTION,
     ON_CONFIG_CHANGE_OPTION,
@@ -78,15 +78,14 @@ def train(
     if not info.is_main:
         return
     save_student(out, student)
-    kwargs = student.network_kwargs
-    images = generate(
+    images = sample_grid(
         student.consistency_function(),
         ConsistencySampler(student.sampling_process()),
-        list(range(64)),
-        shape=(kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"]),
+        8,
+        shape=student.image_shape,
+        num_classes=student.label_dim,
         batch_size=64,
         device=device,
-        label_probs=uniform_label_probs(kwargs["label_dim"]),
     )
     save_grid(grid_dir / "grid.png", images, 8)
     write_json(

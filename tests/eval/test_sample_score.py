@@ -150,8 +150,6 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
                 str(params),
                 "--model",
                 str(tmp_path / model),
-                "--data",
-                str(data),
                 "--out",
                 str(out),
                 "--grid",

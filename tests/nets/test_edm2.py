@@ -113,8 +113,7 @@ def test_forced_weight_normalisation_in_training_mode() -> None:
     x, sigma, labels = inputs(ref)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     net.train()
-    with torch.no_grad():
-        first, _ = net(x, sigma, labels, return_logvar=True)
+    first, _ = net(x, sigma, labels, return_logvar=True)  # a gradient-recording forward normalises the weights
     assert max_err(first, ref["D_x"]) < 1e-5  # the official first training-mode output differs from eval by 2.2e-6
     changed = 0.0
     for name, p in net.named_parameters():
@@ -133,22 +132,40 @@ def test_forced_weight_normalisation_in_training_mode() -> None:
     assert torch.equal(second, evaluated)
 
 
+def test_forced_normalisation_only_in_gradient_forwards() -> None:
+    """Decision (docs/method.md): a training-mode forward under no_grad (a target, a JVP) leaves the weights alone."""
+    net, ref = load_reference("edm2-tiny.npz")
+    x, sigma, labels = inputs(ref)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    versions = [p._version for p in net.parameters()]
+    net.train()
+    with torch.no_grad():
+        target = net(x, sigma, labels)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert [p._version for p in net.parameters()] == versions
+    assert max_err(target, ref["D_x"]) < 1e-5
+    out = net(x, sigma, labels)  # the gradient forward normalises (the weights move by up to 1.6)
+    assert max((p - before[k]).abs().max().item() for k, p in net.named_parameters()) > 0.5
+    with torch.no_grad():
+        again = net(x, sigma, labels)  # after the gradient forward: the graph stays valid
+    out.sum().backward()
+    assert (again - out.detach()).abs().max().item() < 1e-6
+
+
 def test_forced_normalisation_can_be_switched_off_for_extra_forwards() -> None:
     net, ref = load_reference("edm2-tiny.npz")
     x, sigma, labels = inputs(ref)
     net.train()
     out = net(x, sigma, labels)
-    with torch.no_grad():
-        net(x, sigma, labels)  # overwrites the weights the first graph saved
+    net(x, sigma, labels)  # a second gradient forward overwrites the weights the first graph saved
     with pytest.raises(RuntimeError, match="inplace"):
         out.sum().backward()
     out = net(x, sigma, labels)
     net.set_forced_weight_normalization(False)
     assert not any(m.force_normalization for m in net.modules() if isinstance(m, MPConv))
-    with torch.no_grad():
-        again = net(x, sigma, labels)
-    out.sum().backward()
-    assert (again - out.detach()).abs().max().item() < 1e-6
+    again = net(x, sigma, labels)
+    (out.sum() + again.sum()).backward()
+    assert (again - out).abs().max().item() < 1e-6
 
 
 def test_jvp_matches_central_finite_differences() -> None:

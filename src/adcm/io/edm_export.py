@@ -126,8 +126,13 @@ def save_edm_snapshot(teacher: TeacherFile, path: Path) -> None:
     """Write ``teacher`` (a VE diffusion model) as an EDM snapshot pickle at ``path``, atomically.
 
     Raises:
-        CheckpointError: the teacher is not a VE (EDM) model, or not EDM's SongUNet.
+        CheckpointError: the teacher is not a VE (EDM) model, or not EDM's SongUNet (e.g. an EDM2 network).
     """
+    if teacher.network != "ddpmpp":
+        raise CheckpointError(
+            f"{path}: only a DDPM++ (EDM SongUNet) teacher can be written as an EDM snapshot, "
+            f"not a {teacher.network} one"
+        )
     if teacher.process != "ve" or teacher.backbone_process != "ve":
         raise CheckpointError(
             f"{path}: only a VE (EDM) teacher can be written as an EDM snapshot, not a {teacher.process} one"

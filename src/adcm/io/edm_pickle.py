@@ -12,8 +12,9 @@ This module never does that. :func:`load_edm_pickle` unpickles with a restricted
 :class:`pickle.Unpickler` whose ``find_class`` resolves only an explicit allow-list of globals,
 each mapped to a harmless stand-in written here:
 
-* the persistence constructor records ``class_name`` and ``state`` and drops ``module_src``
-  unread;
+* the persistence constructor records ``class_name`` and ``state``, and keeps ``module_src`` only
+  as inert text (a reference to the string the pickle built): it is never executed, and only EDM2's
+  importer (:mod:`adcm.io.edm2_pickle`) looks at it, to check that it defines the recorded class;
 * ``ModuleDict`` and ``EasyDict`` become inert data holders;
 * tensors are rebuilt from their storages by validated functions, and the storages themselves
   (``torch.storage._load_from_bytes``: bytes written by :func:`torch.save`) are read with
@@ -47,8 +48,8 @@ is accepted or refused in time and memory proportional to its size.
 Why each allow-listed global is safe (what a pickle can do with it):
 
 * ``torch_utils.persistence._reconstruct_persistent_obj`` → :func:`_reconstruct_persistent_obj`:
-  checks ``meta`` is a dict, keeps ``class_name`` (a str) and ``state`` (a dict) in an inert,
-  sealed record; ``module_src`` is never read.
+  checks ``meta`` is a dict, keeps ``class_name`` (a str), ``state`` (a dict) and ``module_src`` (a str,
+  else None) in an inert, sealed record; ``module_src`` is never executed.
 * ``torch.nn.modules.container.ModuleDict`` / ``ModuleList`` / ``Sequential`` and
   ``dnnlib.util.EasyDict`` → stand-ins created with no arguments (``NEWOBJ``); their
   ``__setstate__`` only stores a dict (EasyDict: copies its items). Their classes cannot be
@@ -101,7 +102,16 @@ import torch
 from adcm.errors import PickleFormatError, UnsafePickleError
 from adcm.io.safe_unpickle import BoundedUnpickler, PlainDType, RefusedError, short_repr
 
-__all__ = ["EDMNetwork", "PickleFormatError", "UnsafePickleError", "load_edm_pickle", "validate_network"]
+__all__ = [
+    "EDMNetwork",
+    "PickleFormatError",
+    "UnsafePickleError",
+    "edm_network",
+    "load_edm_pickle",
+    "read_snapshot",
+    "snapshot_network",
+    "validate_network",
+]
 
 _MAX_MODULE_DEPTH = 32
 """Deepest module nesting accepted (EDM's networks are 5 levels deep)."""
@@ -200,13 +210,15 @@ class _ModuleRecord(metaclass=_Sealed):
 
 
 class _PersistentObject(_ModuleRecord):
-    """What the persistence constructor yields: class name and state, no source code."""
+    """What the persistence constructor yields: class name, state, and the module source as inert text."""
 
-    __slots__ = ()
+    __slots__ = ("module_src",)
+    module_src: str | None
 
-    def __init__(self, class_name: str, state: dict[str, Any]):
+    def __init__(self, class_name: str, state: dict[str, Any], module_src: str | None = None):
         self.class_name = class_name
         self.state = state
+        self.module_src = module_src
 
     def __setstate__(self, state: Any) -> NoReturn:
         raise PickleFormatError(f"unexpected BUILD on a persistent {self.class_name} object")
@@ -301,7 +313,8 @@ class _SafeCallable(metaclass=_Sealed):
 def _reconstruct_persistent_obj(meta: Any) -> _PersistentObject:
     """Replacement for ``torch_utils.persistence._reconstruct_persistent_obj``.
 
-    Keeps ``class_name`` and ``state``; ``module_src`` is never read, let alone executed.
+    Keeps ``class_name``, ``state`` and a reference to ``module_src`` (a str, else None); the source
+    is never executed.
     """
     if not isinstance(meta, dict):
         raise PickleFormatError(f"persistent-object metadata is {type(meta).__name__}, not a dict")
@@ -318,7 +331,8 @@ def _reconstruct_persistent_obj(meta: Any) -> _PersistentObject:
         state = {}
     if not isinstance(state, dict):
         raise PickleFormatError(f"state of persistent {class_name} is {type(state).__name__}, not a dict")
-    return _PersistentObject(class_name, state)
+    module_src = meta.get("module_src")
+    return _PersistentObject(class_name, state, module_src if type(module_src) is str else None)
 
 
 def _is_int(value: Any) -> bool:
@@ -637,7 +651,7 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> bool | int | float:
 
 # (module, name) -> factory of the object ``find_class`` returns for it.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
-    # EDM's persistence constructor: record class_name + state, never touch module_src.
+    # EDM's persistence constructor: record class_name + state (+ module_src as text), never execute anything.
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): (lambda: _SafeCallable(_reconstruct_persistent_obj)),
     # Containers pickled the ordinary way (NEWOBJ + BUILD): inert holders of their __dict__.
     ("torch.nn.modules.container", "ModuleDict"): lambda: _ModuleDict,
@@ -1101,6 +1115,42 @@ def _load_stream(data: bytes) -> Any:
     return _RestrictedUnpickler(data).load()
 
 
+def read_snapshot(path: Path | str | os.PathLike[str]) -> dict[Any, Any]:
+    """Unpickle an EDM or EDM2 snapshot file with the restricted unpickler: its top-level dict of records.
+
+    Nothing in the file is executed; persistent network objects come back as inert records (class name,
+    state, module source as text). Shared by :func:`load_edm_pickle` and
+    :func:`adcm.io.edm2_pickle.load_edm2_pickle`.
+
+    Raises:
+        UnsafePickleError, PickleFormatError: as :func:`load_edm_pickle` (the message starts with the path).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    try:
+        top = _unpickle(path)
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from exc
+    except PickleFormatError as exc:
+        raise PickleFormatError(f"{path}: {exc}") from exc
+    if not isinstance(top, dict):
+        raise PickleFormatError(f"{path}: the pickle holds {type(top).__name__}, not EDM's snapshot dict")
+    return top
+
+
+def snapshot_network(top: dict[Any, Any], key: str, path: Path) -> _PersistentObject:
+    """The persistent network record under ``key`` of a snapshot dict (:func:`read_snapshot`)."""
+    if key not in top:
+        names = sorted(k for k in top if isinstance(k, str))
+        shown = ", ".join(short_repr(k, 40) for k in names[:10])
+        more = len(top) - min(len(names), 10)
+        raise PickleFormatError(f"{path}: no {key!r} entry (keys: [{shown}{f', ... {more} more' if more else ''}])")
+    precond = top[key]
+    if not isinstance(precond, _PersistentObject):
+        raise PickleFormatError(f"{path}: entry {key!r} is {type(precond).__name__}, not an EDM network")
+    return precond
+
+
 def load_edm_pickle(path: Path | str | os.PathLike[str], key: str = "ema") -> EDMNetwork:
     """Read an EDM network pickle without executing any code from it.
 
@@ -1122,25 +1172,19 @@ def load_edm_pickle(path: Path | str | os.PathLike[str], key: str = "ema") -> ED
         FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path)
-    try:
-        top = _unpickle(path)
-    except UnsafePickleError as exc:
-        raise UnsafePickleError(f"{path}: {exc}") from exc
-    except PickleFormatError as exc:
-        raise PickleFormatError(f"{path}: {exc}") from exc
-    if not isinstance(top, dict):
-        raise PickleFormatError(f"{path}: the pickle holds {type(top).__name__}, not EDM's snapshot dict")
-    if key not in top:
-        names = sorted(k for k in top if isinstance(k, str))
-        shown = ", ".join(short_repr(k, 40) for k in names[:10])
-        more = len(top) - min(len(names), 10)
-        raise PickleFormatError(f"{path}: no {key!r} entry (keys: [{shown}{f', ... {more} more' if more else ''}])")
-    precond = top[key]
-    if not isinstance(precond, _PersistentObject):
-        raise PickleFormatError(f"{path}: entry {key!r} is {type(precond).__name__}, not an EDM network")
+    return edm_network(snapshot_network(read_snapshot(path), key, path), path, key)
+
+
+def edm_network(precond: _PersistentObject, path: Path, key: str = "ema") -> EDMNetwork:
+    """The DDPM++ network of an EDM snapshot's record ``precond`` (entry ``key`` of ``path``), checked.
+
+    Raises:
+        PickleFormatError: as :func:`load_edm_pickle`.
+    """
     if precond.class_name != "EDMPrecond":
+        hint = " (an EDM2 network? `adcm teacher` imports those too)" if precond.class_name == "Precond" else ""
         raise PickleFormatError(
-            f"{path}: entry {key!r} is a {precond.class_name}; only EDMPrecond networks are supported"
+            f"{path}: entry {key!r} is a {precond.class_name}; only EDMPrecond networks are supported{hint}"
         )
     children = _dict_field(precond, "_modules", "EDMPrecond")
     model = children.get("model")

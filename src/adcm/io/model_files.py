@@ -3,7 +3,9 @@
 Both are plain ``torch.save`` archives of dicts, lists, numbers, strings and tensors, loadable with
 ``torch.load(path, weights_only=True)``, written atomically (temporary file + rename), and marked by
 a ``format`` entry: ``adcm-teacher/1`` (:class:`TeacherFile`) or ``adcm-student/1`` (:class:`StudentFile`).
-Weights are stored under EDM's ``EDMPrecond`` names (``model.…``) whatever the parameterisation.
+Weights are stored under EDM's ``EDMPrecond`` names (``model.…``) whatever the parameterisation. The
+``network`` entry names the backbone (:data:`~adcm.nets.precond.NetworkKind`: ``ddpmpp``, EDM's DDPM++, or
+``edm2``, EDM2's U-Net); files without it (written before EDM2 was supported) hold a DDPM++.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from adcm.config import Method
 from adcm.errors import CheckpointError
 from adcm.io.files import atomic_path
 from adcm.io.safe_unpickle import RefusedError, scan_pickle, short_repr
-from adcm.nets.precond import Precond, make_precond
+from adcm.nets.precond import NetworkKind, Precond, image_shape, make_precond, network_label_dim
 from adcm.processes import ForwardProcess, ProcessName, make_process
 
 __all__ = [
@@ -42,16 +44,19 @@ STUDENT_FORMAT = "adcm-student/1"
 
 @dataclass(frozen=True)
 class TeacherFile:
-    """A diffusion teacher: DDPM++ constructor settings and (EMA) weights under EDM's names.
+    """A diffusion teacher: backbone constructor settings and (EMA) weights under EDM's names.
 
     Attributes:
-        network_kwargs: keyword arguments of :class:`adcm.nets.songunet.SongUNet`.
+        network_kwargs: keyword arguments of the backbone (:func:`adcm.nets.precond.build_network`):
+            :class:`adcm.nets.songunet.SongUNet`'s for ``ddpmpp``, :class:`adcm.nets.edm2.EDM2Backbone`'s
+            for ``edm2``.
         sigma_data: σ_d of the preconditioning.
         state_dict: weights, names as in EDM's ``EDMPrecond.state_dict()`` (``model.…``).
         meta: provenance (source, kimg, dataset, ...), JSON-like values only.
         process: the forward process the model's wrapper works in (``ve``, ``fm``, ``trigflow``).
         source: the parameterisation the backbone was trained in (a TrigFlow model converted from an
             EDM teacher has ``process='trigflow'``, ``source='ve'``); default ``process``.
+        network: the backbone's kind, ``ddpmpp`` or ``edm2``.
     """
 
     network_kwargs: dict[str, Any]
@@ -60,6 +65,17 @@ class TeacherFile:
     meta: dict[str, Any]
     process: ProcessName = "ve"
     source: ProcessName | None = None
+    network: NetworkKind = "ddpmpp"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the teacher makes."""
+        return image_shape(self.network_kwargs, self.network)
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes the teacher is conditioned on (0 = unconditional)."""
+        return network_label_dim(self.network_kwargs, self.network)
 
     @property
     def backbone_process(self) -> ProcessName:
@@ -69,7 +85,12 @@ class TeacherFile:
     def wrapper(self, eps: float, process: ProcessName | None = None) -> Precond:
         """These weights in the wrapper of ``process`` (default: the file's own) with boundary ε."""
         net = make_precond(
-            self.network_kwargs, self.sigma_data, process=process or self.process, source=self.backbone_process, eps=eps
+            self.network_kwargs,
+            self.sigma_data,
+            process=process or self.process,
+            source=self.backbone_process,
+            eps=eps,
+            network=self.network,
         )
         net.load_state_dict(self.state_dict, strict=True)
         return net
@@ -92,7 +113,7 @@ class StudentFile:
     """A consistency model written by ``adcm train``: its EMA weights, where it samples, and every ADCM partition.
 
     Attributes:
-        network_kwargs: keyword arguments of :class:`adcm.nets.songunet.SongUNet`.
+        network_kwargs: keyword arguments of the backbone (as :attr:`TeacherFile.network_kwargs`).
         sigma_data: σ_d of the preconditioning.
         state_dict: EMA weights under EDM's names.
         process: the forward process the model samples in (sCT: ``trigflow``).
@@ -104,6 +125,7 @@ class StudentFile:
         t_max: the largest time, where sampling starts.
         partitions: every ADCM partition built, ``(iteration, points)`` (empty for the other methods).
         meta: provenance (kimg, steps, seed, the teacher's SHA-256), JSON-like values only.
+        network: the backbone's kind, ``ddpmpp`` or ``edm2`` (the teacher's).
     """
 
     network_kwargs: dict[str, Any]
@@ -118,6 +140,17 @@ class StudentFile:
     t_max: float
     partitions: list[tuple[int, list[float]]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    network: NetworkKind = "ddpmpp"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model makes."""
+        return image_shape(self.network_kwargs, self.network)
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes the model is conditioned on (0 = unconditional)."""
+        return network_label_dim(self.network_kwargs, self.network)
 
     def sampling_process(self) -> ForwardProcess:
         """The forward process (and range) the model samples in."""
@@ -125,7 +158,14 @@ class StudentFile:
 
     def consistency_function(self) -> Precond:
         """f(x, t) with these weights, in eval mode on the CPU."""
-        net = make_precond(self.network_kwargs, self.sigma_data, process=self.process, source=self.source, eps=self.eps)
+        net = make_precond(
+            self.network_kwargs,
+            self.sigma_data,
+            process=self.process,
+            source=self.source,
+            eps=self.eps,
+            network=self.network,
+        )
         net.load_state_dict(self.state_dict, strict=True)
         return net.eval().requires_grad_(False)
 
@@ -138,6 +178,7 @@ def save_teacher(path: Path, teacher: TeacherFile) -> None:
         "sigma_data": float(teacher.sigma_data),
         "process": teacher.process,
         "source": teacher.backbone_process,
+        "network": teacher.network,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict.items()},
         "meta": teacher.meta,
     }
@@ -149,7 +190,8 @@ def load_teacher(path: Path) -> TeacherFile:
     """Read a teacher file (``weights_only=True``); :class:`CheckpointError` if it is not one.
 
     A missing entry, or one of the wrong type (settings and meta not dicts, σ_data not a finite
-    number > 0, weights not a dict of named tensors, an unknown process), is one line naming it.
+    number > 0, weights not a dict of named tensors, an unknown process or network kind), is one line
+    naming it. A file without the ``network`` entry holds a DDPM++.
     """
     payload = _payload(
         path,
@@ -164,6 +206,7 @@ def load_teacher(path: Path) -> TeacherFile:
         meta=dict(_entry(path, payload, "meta", dict, "a dict")),
         process=_process_name(path, payload, "process"),
         source=_process_name(path, payload, "source"),
+        network=_network_kind(path, payload),
     )
 
 
@@ -207,6 +250,17 @@ def _process_name(path: Path, payload: dict[str, Any], key: str) -> ProcessName:
     return typing.cast(ProcessName, value)
 
 
+def _network_kind(path: Path, payload: dict[str, Any]) -> NetworkKind:
+    """``payload['network']`` as a backbone kind; ``ddpmpp`` when the entry is absent (older files)."""
+    if "network" not in payload:
+        return "ddpmpp"
+    value = _entry(path, payload, "network", str, "a network kind")
+    kinds = typing.get_args(NetworkKind)
+    if value not in kinds:
+        raise CheckpointError(f"{path}: model file entry 'network' is {short_repr(value)}, not one of {list(kinds)}")
+    return typing.cast(NetworkKind, value)
+
+
 def save_student(path: Path, student: StudentFile) -> None:
     """Write ``student`` to ``path`` atomically."""
     payload = {
@@ -215,6 +269,7 @@ def save_student(path: Path, student: StudentFile) -> None:
         "sigma_data": float(student.sigma_data),
         "process": student.process,
         "source": student.source,
+        "network": student.network,
         "method": student.method,
         "lambda": student.lam,
         "eps": float(student.eps),
@@ -276,6 +331,7 @@ def load_student(path: Path) -> StudentFile:
         t_max=times["t_max"],
         partitions=parts,
         meta=dict(_entry(path, payload, "meta", dict, "a dict")),
+        network=_network_kind(path, payload),
     )
 
 

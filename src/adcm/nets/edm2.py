@@ -15,7 +15,8 @@ Building blocks (paper §2, cited by the paper's configuration letters, and Appe
 * :class:`MPFourier`: √2·cos(c·f + φ) with fixed random f ~ 2π·N(0, 1), φ ~ 2π·U(0, 1) (config G).
 * :class:`MPConv`: convolution / linear layer with weight normalisation and gain 1/√fan_in, and *forced*
   weight normalisation in training mode (configs D and E: the stored weight is overwritten with its normalised
-  version before every training-mode forward, then normalised again on the way into the layer).
+  version before every gradient-recording training-mode forward, then normalised again on the way into the
+  layer).
 * :class:`Block`: the residual block (the paper's architecture figure in Appendix B): flavours ``enc``
   (skip conv + pixel norm before the residual branch) and ``dec`` (skip conv after), 2× resampling,
   embedding-modulated residual branch, optional self-attention with pixel-normalised q, k, v, output
@@ -24,6 +25,8 @@ Building blocks (paper §2, cited by the paper's configuration letters, and Appe
   magnitude-preserving skip concatenation and a learned output gain (configs C and G).
 * :class:`EDM2Precond`: EDM's preconditioning D(x, σ) = c_skip·x + c_out·F(c_in·x, ln(σ)/4), plus the
   uncertainty head ln u(σ) used by the loss weighting (config B: ``return_logvar``).
+* :class:`EDM2Backbone`: the same modules (same state-dict names) as the raw backbone F(x, c_noise, labels)
+  that this project's ε-shifted wrappers (:mod:`adcm.nets.precond`) put around a network.
 
 Everything is computed in float32 (``use_fp16`` is accepted and ignored); when the parameters are
 float64 (``net.double()``) the whole computation runs in float64. Attention is plain ``einsum`` +
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Block",
+    "EDM2Backbone",
     "EDM2Precond",
     "EDM2UNet",
     "MPConv",
@@ -171,14 +175,21 @@ class MPConv(nn.Module):
     """Weight-normalised convolution (kernel (k, k)) or linear layer (kernel ()) (paper config D).
 
     The effective weight is normalize(w)·gain/√fan_in, so a unit-RMS input gives a unit-RMS output
-    (times ``gain``). In training mode the stored weight is first overwritten, without gradient, with
-    its normalised version ("forced weight normalisation"), which keeps the raw weights at unit norm
-    and makes the effective learning rate decay with the global one (config E).
+    (times ``gain``). In the gradient-carrying training forward the stored weight is first overwritten,
+    without gradient, with its normalised version ("forced weight normalisation"), which keeps the raw
+    weights at unit norm and makes the effective learning rate decay with the global one (config E).
+
+    **Decision** (docs/method.md, "EDM2: forced weight normalisation in the gradient forward only"): the
+    overwrite happens only in training mode *and* while autograd records (``torch.is_grad_enabled()``).
+    Extra training-mode forwards under ``no_grad`` (a consistency target, a JVP, Eq. 10's statistics)
+    use the stored weights as they are and leave them untouched; in EDM2's own training the only
+    training-mode forward is the gradient one, so nothing changes there.
 
     Note: the in-place overwrite bumps the weight's autograd version counter, so (as in the official
-    network) a second training-mode forward before ``backward`` of the first makes that backward fail.
-    Setting ``force_normalization = False`` (see :meth:`EDM2Precond.set_forced_weight_normalization`)
-    skips the overwrite: the layer's output is then unchanged up to O(1e-4·|‖w‖/√fan_in − 1|).
+    network) a second gradient-recording training-mode forward before ``backward`` of the first makes
+    that backward fail. Setting ``force_normalization = False`` (see
+    :meth:`EDM2Precond.set_forced_weight_normalization`) skips the overwrite altogether: the layer's
+    output is then unchanged up to O(1e-4·|‖w‖/√fan_in − 1|).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
@@ -190,7 +201,7 @@ class MPConv(nn.Module):
     def forward(self, x: Tensor, gain: float | Tensor = 1.0) -> Tensor:
         """Apply the layer; ``gain`` (a float or a learned scalar) multiplies the effective weight."""
         dt = _compute_dtype(x)
-        if self.training and self.force_normalization:
+        if self.training and self.force_normalization and torch.is_grad_enabled():
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight.to(dt)))
         w = normalize(self.weight.to(dt))
@@ -503,9 +514,9 @@ class EDM2Precond(nn.Module):
     def set_forced_weight_normalization(self, enabled: bool) -> None:
         """Switch the training-mode overwrite of the stored weights (see :class:`MPConv`) on or off.
 
-        Off is meant for extra training-mode forwards within one step (e.g. a stop-gradient target or a
-        JVP evaluated after the gradient forward), which would otherwise invalidate the first forward's
-        autograd graph; the weights were already normalised by the step's first forward.
+        Forwards under ``no_grad`` never overwrite the weights (see :class:`MPConv`); off is for extra
+        gradient-recording training-mode forwards within one step, which would otherwise invalidate the
+        first forward's autograd graph (the weights were already normalised by the step's first forward).
         """
         for module in self.modules():
             if isinstance(module, MPConv):
@@ -562,3 +573,76 @@ class EDM2Precond(nn.Module):
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
             return d_x, logvar
         return d_x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network as a backbone of this project's wrappers (adcm.nets.precond).
+
+
+class EDM2Backbone(nn.Module):
+    """EDM2's network as the raw backbone F(x, c_noise, class_labels) of :mod:`adcm.nets.precond`'s wrappers.
+
+    It holds exactly the modules of :class:`EDM2Precond` (``unet``, ``logvar_fourier``, ``logvar_linear``)
+    under the same names, so an :class:`EDM2Precond` state dict loads into it strictly and the reverse.
+    The preconditioning is left to the wrapper: EDM2's D(x, σ) is EDM's (Table 1, c_noise = ln(σ)/4), which
+    is exactly the VE wrapper with ε = 0, and the ε-shifted wrapper of a consistency model
+    (docs/method.md#preconditioning-and-the-boundary-condition) uses the same F.
+
+    The uncertainty head ln u(σ) (:meth:`logvar`, paper config B) is carried along unchanged: it weights
+    EDM2's diffusion loss and has no role in consistency training, which never evaluates it.
+
+    Args: those of :class:`EDM2Precond` except ``sigma_data`` (the wrapper's σ_d); ``use_fp16`` is
+    accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        use_fp16: bool = True,
+        logvar_channels: int = 128,
+        **unet_kwargs: Any,
+    ):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.unet = EDM2UNet(
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs
+        )
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def set_forced_weight_normalization(self, enabled: bool) -> None:
+        """As :meth:`EDM2Precond.set_forced_weight_normalization`."""
+        for module in self.modules():
+            if isinstance(module, MPConv):
+                module.force_normalization = enabled
+
+    def forward(
+        self,
+        x: Tensor,
+        noise_labels: Tensor,
+        class_labels: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+    ) -> Tensor:
+        """F(x, c_noise, labels) (:meth:`EDM2UNet.forward`), computed in float32 (float64 for float64 ``x``).
+
+        ``class_labels`` None on a conditional network means all-zero labels (as :class:`EDM2Precond`);
+        they are ignored when ``label_dim == 0``. ``augment_labels`` must be None.
+        """
+        dt = _compute_dtype(x)
+        labels: Tensor | None
+        if self.label_dim == 0:
+            labels = None
+        elif class_labels is None:
+            labels = torch.zeros([1, self.label_dim], dtype=dt, device=x.device)
+        else:
+            labels = class_labels.to(dt).reshape(-1, self.label_dim)
+        return self.unet(x, noise_labels.to(dt).reshape(-1), labels, augment_labels)
+
+    def logvar(self, noise_labels: Tensor) -> Tensor:
+        """The uncertainty head ln u(σ) at c_noise = ln(σ)/4, shape (N, 1, 1, 1) (not used by consistency training)."""
+        return self.logvar_linear(self.logvar_fourier(noise_labels)).reshape(-1, 1, 1, 1)

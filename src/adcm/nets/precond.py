@@ -28,28 +28,41 @@ coefficients become c_skip = cos²t, c_out = σ_d·sin t, c_in·x_σ = x_t/σ_d,
 (``fm``: x_s = x_t/D is the FM point and σ_d·F_T = cos t·ẑ·σ_d − sin t·x̂0 with x̂0 = x_s − s·v,
 ẑ = x_s + (1 − s)·v.) Every wrapper holds the backbone as ``model`` so state-dict names match EDM's
 ``EDMPrecond`` (``model.…``) whatever the parameterisation.
+
+Two backbones (:data:`NetworkKind`) fit every wrapper: ``ddpmpp`` (:class:`~adcm.nets.songunet.SongUNet`,
+EDM's DDPM++, the settings under EDM's names) and ``edm2`` (:class:`~adcm.nets.edm2.EDM2Backbone`, EDM2's
+magnitude-preserving U-Net with its settings under EDM2's ``Precond`` names). EDM2's own preconditioning is
+EDM's, so the VE wrapper with ε = 0 *is* EDM2's denoiser D(x, σ), and its ε-shifted form the consistency
+function; the weights are named ``model.unet.…``, ``model.logvar_…``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from adcm.nets.edm2 import EDM2Backbone
 from adcm.nets.songunet import SongUNet
 from adcm.processes import ProcessName
 
 __all__ = [
     "FMPrecond",
+    "NetworkKind",
     "Precond",
     "TrigFlowPrecond",
     "VEPrecond",
     "build_network",
     "consistency_function",
     "denoiser",
+    "image_shape",
     "make_precond",
+    "network_label_dim",
 ]
+
+NetworkKind = Literal["ddpmpp", "edm2"]
+"""The backbone architectures: EDM's DDPM++ (``SongUNet``) and EDM2's U-Net (``EDM2Backbone``)."""
 
 
 class Precond(nn.Module):
@@ -197,9 +210,35 @@ class TrigFlowPrecond(Precond):
         )
 
 
-def build_network(network_kwargs: dict[str, Any]) -> SongUNet:
-    """Construct the backbone from its recorded constructor settings."""
+def _check_kind(network: str) -> None:
+    if network not in get_args(NetworkKind):
+        raise ValueError(f"unknown network kind {network!r} (expected one of {list(get_args(NetworkKind))})")
+
+
+def build_network(network_kwargs: dict[str, Any], network: NetworkKind = "ddpmpp") -> nn.Module:
+    """Construct the backbone of kind ``network`` from its recorded constructor settings.
+
+    ``ddpmpp``: :class:`~adcm.nets.songunet.SongUNet` (EDM's argument names); ``edm2``:
+    :class:`~adcm.nets.edm2.EDM2Backbone` (the arguments of EDM2's ``Precond`` except ``sigma_data``).
+    """
+    _check_kind(network)
+    if network == "edm2":
+        return EDM2Backbone(**network_kwargs)
     return SongUNet(**network_kwargs)
+
+
+def image_shape(network_kwargs: dict[str, Any], network: NetworkKind = "ddpmpp") -> tuple[int, int, int]:
+    """(C, H, W) of the images a backbone of kind ``network`` with these settings makes."""
+    _check_kind(network)
+    channels = network_kwargs["img_channels" if network == "edm2" else "in_channels"]
+    resolution = network_kwargs["img_resolution"]
+    return int(channels), int(resolution), int(resolution)
+
+
+def network_label_dim(network_kwargs: dict[str, Any], network: NetworkKind = "ddpmpp") -> int:
+    """Number of classes a backbone with these settings is conditioned on (0 = unconditional)."""
+    _check_kind(network)
+    return int(network_kwargs.get("label_dim", 0))
 
 
 def make_precond(
@@ -209,13 +248,15 @@ def make_precond(
     process: ProcessName,
     source: ProcessName | None = None,
     eps: float,
+    network: NetworkKind = "ddpmpp",
 ) -> Precond:
-    """A fresh backbone in the wrapper of ``process`` (trained in ``source``, default ``process``).
+    """A fresh backbone of kind ``network`` in the wrapper of ``process`` (trained in ``source``, default
+    ``process``).
 
     Supported: ``source == process``, and a TrigFlow wrapper around a VE or FM backbone.
     """
     source = source or process
-    net = build_network(network_kwargs)
+    net = build_network(network_kwargs, network)
     if process == "trigflow":
         return TrigFlowPrecond(net, sigma_data, eps, source)
     if source != process:
@@ -228,16 +269,23 @@ def make_precond(
 
 
 def denoiser(
-    network_kwargs: dict[str, Any], sigma_data: float, process: Literal["ve", "fm", "trigflow"] = "ve"
+    network_kwargs: dict[str, Any],
+    sigma_data: float,
+    process: Literal["ve", "fm", "trigflow"] = "ve",
+    network: NetworkKind = "ddpmpp",
 ) -> Precond:
     """The diffusion model's x0-prediction (EDM's D(x, σ) for VE): the wrapper with ε = 0."""
-    return make_precond(network_kwargs, sigma_data, process=process, eps=0.0)
+    return make_precond(network_kwargs, sigma_data, process=process, eps=0.0, network=network)
 
 
 def consistency_function(
-    network_kwargs: dict[str, Any], sigma_data: float, eps: float, process: Literal["ve", "fm", "trigflow"] = "ve"
+    network_kwargs: dict[str, Any],
+    sigma_data: float,
+    eps: float,
+    process: Literal["ve", "fm", "trigflow"] = "ve",
+    network: NetworkKind = "ddpmpp",
 ) -> Precond:
     """Consistency function f(x, t) with f(x, ε) = x (docs/method.md#preconditioning-and-the-boundary-condition)."""
     if eps <= 0:
         raise ValueError(f"a consistency function needs eps > 0 (got {eps})")
-    return make_precond(network_kwargs, sigma_data, process=process, eps=eps)
+    return make_precond(network_kwargs, sigma_data, process=process, eps=eps, network=network)
