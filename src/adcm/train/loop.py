@@ -7,14 +7,16 @@ fingerprint of everything that changes its weights — and :func:`train` execute
 2. From one generator seeded by (seed, step, the objective's stream) draw the whole global batch's
    data x0 and labels, the objective's per-sample :class:`~adcm.method.objectives.Draw`, and the
    standard noise z — identically on every process.
-3. Each process takes its chunks of the global batch (micro-batches of ``batch_per_step``); dropout
-   is seeded per chunk, so N processes reproduce one. Gradients accumulate over the chunks.
+3. Each process takes its chunks of the global batch (micro-batches of ``batch_per_step``; ``auto``
+   chooses it from the free GPU memory at the first step, :func:`~adcm.train.fastpath.auto_micro_batch`);
+   dropout is seeded per chunk, so N processes reproduce one. Gradients accumulate over the chunks.
 4. One host synchronisation: a non-finite loss or gradient does not move θ; after
    ``max_nonfinite_in_row`` of them in a row the run stops with :class:`~adcm.errors.TrainingError`.
 5. Optimizer step; EMA update (the EMA copy is used only for evaluation).
 
 Every ``checkpoint_every_kimg`` the state is written atomically; re-running the same command resumes
-from it and ends with bit-identical weights (on the same device kind and thread count).
+from it and ends with bit-identical weights (on the same device kind and thread count). The logs record
+the peak memory of the steps since the previous log (``peak_memory_mib``, :func:`~adcm.train.progress.peak_memory_mib`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,14 +38,15 @@ from torch import Tensor, nn
 from adcm.config import OnConfigChange
 from adcm.errors import CheckpointError, TrainingError
 from adcm.io.images import save_grid
-from adcm.method.objectives import Batch, Objective
+from adcm.method.objectives import Batch, Draw, Objective
+from adcm.nets.checkpointing import enable_activation_checkpointing
 from adcm.nets.precond import Precond
 from adcm.rng import seed_chunk, step_generator
 from adcm.train.batches import BatchSource
 from adcm.train.distributed import DistInfo
 from adcm.train.ema import EMARule, update_ema
-from adcm.train.fastpath import FastPath
-from adcm.train.progress import MetricsLogger, TrainingProgress
+from adcm.train.fastpath import FastPath, auto_micro_batch, compile_student
+from adcm.train.progress import MetricsLogger, TrainingProgress, peak_memory_mib, reset_peak_memory
 from adcm.train.state import resume_state, save_state
 
 __all__ = ["LoopSettings", "Preview", "RunResult", "RunSpec", "StepOutcome", "Trainer", "train"]
@@ -57,7 +60,8 @@ class LoopSettings:
         label: shown on the progress bar.
         duration_kimg: training length in thousands of images.
         batch_size: images per optimizer step, over all processes.
-        batch_per_step: images per forward pass per process (gradient accumulation); None = all.
+        batch_per_step: images per forward pass per process (gradient accumulation); None = all; ``auto``:
+            the largest that fits in the free memory on CUDA (chosen at the first step), all on the CPU.
         optimizer: ``adam`` or ``radam`` (β₁ 0.9, β₂ ``beta2``, ε 1e-8).
         lr: base learning rate.
         beta2: second-moment decay.
@@ -69,12 +73,14 @@ class LoopSettings:
         log_every_kimg, checkpoint_every_kimg: periods, rounded to whole steps (at least one).
         max_nonfinite_in_row: stop after this many steps in a row with a non-finite loss or gradient.
         fast: the GPU fast-path switches in force.
+        activation_checkpointing: recompute the residual blocks' activations in the backward pass
+            (:mod:`adcm.nets.checkpointing`).
     """
 
     label: str
     duration_kimg: float
     batch_size: int
-    batch_per_step: int | None
+    batch_per_step: int | Literal["auto"] | None
     optimizer: Literal["adam", "radam"]
     lr: float
     beta2: float
@@ -87,6 +93,7 @@ class LoopSettings:
     checkpoint_every_kimg: float = 1.0
     max_nonfinite_in_row: int = 20
     fast: FastPath = field(default_factory=FastPath)
+    activation_checkpointing: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -140,7 +147,9 @@ class Preview:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a finished (or paused, ``stop_after_steps``) run produced."""
+    """What a finished (or paused, ``stop_after_steps``) run produced (``peak_memory_mib``: the largest
+    logged peak of this call, :func:`~adcm.train.progress.peak_memory_mib`; ``batch_per_step``: the
+    micro-batch used)."""
 
     ema_state: dict[str, Tensor]
     steps: int
@@ -151,6 +160,8 @@ class RunResult:
     resumed_from_kimg: float
     rebuild_seconds: float
     partitions: list[tuple[int, list[float]]]
+    peak_memory_mib: float | None = None
+    batch_per_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -179,16 +190,22 @@ class Trainer:
         if cfg.batch_size % info.world_size:
             raise TrainingError(f"batch size {cfg.batch_size} is not divisible by {info.world_size} processes")
         self.local_batch = cfg.batch_size // info.world_size
-        self.micro = min(cfg.batch_per_step or self.local_batch, self.local_batch)
-        if self.local_batch % self.micro:
-            raise TrainingError(
-                f"per-process batch {self.local_batch} is not a multiple of batch_per_step {self.micro}"
-            )
-        self.n_micro = self.local_batch // self.micro
+        #: images per forward pass; None until the first step chooses it (``auto`` on CUDA)
+        self.micro: int | None
+        if cfg.batch_per_step == "auto":
+            self.micro = None if device.type == "cuda" else self.local_batch
+        else:
+            self.micro = min(cfg.batch_per_step or self.local_batch, self.local_batch)
+            if self.local_batch % self.micro:
+                raise TrainingError(
+                    f"per-process batch {self.local_batch} is not a multiple of batch_per_step {self.micro}"
+                )
         self.net = net = spec.net.to(device).train().requires_grad_(True)
         for name, p in net.named_parameters():
             if name in spec.frozen:
                 p.requires_grad_(False)
+        if cfg.activation_checkpointing and not enable_activation_checkpointing(net):
+            raise TrainingError("train.activation_checkpointing: the network has no residual blocks to checkpoint")
         cfg.fast.apply(net)
         self.ema = copy.deepcopy(net).eval().requires_grad_(False)
         self.objective = spec.objective
@@ -200,25 +217,77 @@ class Trainer:
                 self.trainable, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.ddp = ddp
-        # the student forward only, never a JVP
-        self.student = cast(nn.Module, torch.compile(ddp)) if cfg.fast.compile else ddp
+        # the student forward only, never a JVP (targets, JVPs and rebuilds use self.net)
+        self.student = compile_student(ddp) if cfg.fast.compile else ddp
         self._partition_labels: Tensor | None = None
 
+    @property
+    def n_micro(self) -> int:
+        """Micro-batches per step and process (1 until ``auto`` has chosen the micro-batch)."""
+        return self.local_batch // (self.micro or self.local_batch)
+
     def state_dict(self) -> dict[str, object]:
-        """Network, EMA, optimizer and objective state (the counters are the caller's)."""
+        """Network, EMA, optimizer and objective state, and the micro-batch (the counters are the caller's)."""
         return {
             "net": self.net.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
+            "batch_per_step": self.micro,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`; a resumed ``auto`` run keeps the micro-batch it chose (dropout is
+        seeded per chunk, so the split is part of the run)."""
         self.net.load_state_dict(state["net"])  # type: ignore[arg-type]
         self.ema.load_state_dict(state["ema"])  # type: ignore[arg-type]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         self.objective.load_state_dict(state["objective"])  # type: ignore[arg-type]
+        chosen = state.get("batch_per_step")
+        if self.spec.settings.batch_per_step == "auto" and isinstance(chosen, int) and self.local_batch % chosen == 0:
+            self.micro = chosen
+
+    def _probe_peak_bytes(self, batch: Batch, draw: Draw, step: int, m: int) -> int | None:
+        """Peak CUDA memory of one forward and backward of the first ``m`` rows (None: out of memory).
+
+        Runs on the unwrapped module (no DDP collectives); the gradients are discarded, θ is not moved.
+        """
+        device, rows = self.device, slice(0, m)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            bf16 = self.spec.settings.fast.bf16
+            loss = self.objective.loss(
+                self.net, self.trainable, batch.chunk(rows), draw.chunk(rows, device), step, bf16
+            )
+            loss.backward()
+            del loss
+            torch.cuda.synchronize(device)
+            return int(torch.cuda.max_memory_allocated(device))
+        except torch.cuda.OutOfMemoryError:
+            return None
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    def _choose_micro(self, batch: Batch, draw: Draw, step: int) -> int:
+        """``batch_per_step: auto`` on CUDA (:func:`~adcm.train.fastpath.auto_micro_batch`): the budget is
+        the free plus this process's reserved memory, less Adam's two moments if not yet allocated; the
+        smallest choice over the processes is used by all."""
+        device = self.device
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free + torch.cuda.memory_reserved(device)
+        if not self.optimizer.state:
+            budget -= 2 * sum(p.numel() * p.element_size() for p in self.trainable.parameters() if p.requires_grad)
+        micro = auto_micro_batch(
+            self.local_batch, lambda m: self._probe_peak_bytes(batch, draw, step, m), max(budget, 1)
+        )
+        if self.info.world_size > 1:
+            box = torch.tensor(micro, device=device)
+            dist.all_reduce(box, op=dist.ReduceOp.MIN)
+            micro = int(box)
+        return micro
 
     def _frozen_fn(self, x: Tensor, t: Tensor) -> Tensor:
         return self.net(x, t, self._partition_labels)
@@ -251,22 +320,26 @@ class Trainer:
         draw_all = objective.draw(cfg.batch_size, step, gen)
         z_all = torch.randn(x0_all.shape, generator=gen).to(device)
         batch_all = Batch(x0_all, z_all, labels_all)
+        if self.micro is None:
+            self.micro = self._choose_micro(batch_all, draw_all, step)
+        micro = self.micro
         lr = cfg.lr_at(step)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss_acc = torch.zeros((), device=device)
         dt_sum: Tensor | None = None
-        for m in range(self.n_micro):
-            chunk = info.rank * self.n_micro + m
-            rows = slice(chunk * self.micro, (chunk + 1) * self.micro)
+        n_micro = self.local_batch // micro
+        for m in range(n_micro):
+            chunk = info.rank * n_micro + m
+            rows = slice(chunk * micro, (chunk + 1) * micro)
             batch, draw = batch_all.chunk(rows), draw_all.chunk(rows, device)
-            sync = contextlib.nullcontext() if m == self.n_micro - 1 or info.world_size == 1 else self.ddp.no_sync()  # type: ignore[operator]
+            sync = contextlib.nullcontext() if m == n_micro - 1 or info.world_size == 1 else self.ddp.no_sync()  # type: ignore[operator]
             seed_chunk(spec.seed, step, chunk)
             with sync:
                 loss = objective.loss(self.net, self.student, batch, draw, step, cfg.fast.bf16)
-                (loss * self.micro / self.local_batch).backward()
-            loss_acc += loss.detach() * (self.micro / self.local_batch)
+                (loss * micro / self.local_batch).backward()
+            loss_acc += loss.detach() * (micro / self.local_batch)
             dts = draw.step_sizes()
             if dts is not None:
                 dt_sum = dts.double().sum() if dt_sum is None else dt_sum + dts.double().sum()
@@ -365,6 +438,8 @@ def train(
     losses: list[Tensor] = []
     dt_acc, dt_count = torch.zeros((), dtype=torch.float64, device=device), 0
     bad_in_row = 0
+    peak_run: float | None = None
+    reset_peak_memory(device)
     start = time.perf_counter() - elapsed
     end_step = total_steps if stop_after_steps is None else min(total_steps, step + stop_after_steps)
     with TrainingProgress(
@@ -407,10 +482,20 @@ def train(
             if step % log_every == 0 or last:
                 mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
                 size = float(objective.partitions[-1][1].numel()) if objective.partitions else float("nan")
-                rate = progress.update(kimg, loss=mean_loss, **({"|T|": int(size)} if size == size else {}))
+                peak = peak_memory_mib(device)
+                reset_peak_memory(device)
+                fields: dict[str, float | str] = {"loss": mean_loss}
+                if size == size:
+                    fields["|T|"] = str(int(size))
+                if peak is not None:
+                    fields["MiB"] = f"{peak:.0f}"
+                rate = progress.update(kimg, **fields)
                 extra: dict[str, float] = {"partition_points": size} if size == size else {}
                 if dt_count:
                     extra["mean_dt"] = float(dt_acc) / dt_count
+                if peak is not None:
+                    extra["peak_memory_mib"] = peak
+                    peak_run = peak if peak_run is None else max(peak_run, peak)
                 logger.log(
                     step,
                     {
@@ -440,4 +525,6 @@ def train(
         resumed_from_kimg=resumed_kimg,
         rebuild_seconds=rebuild_s,
         partitions=[(it, pts.tolist()) for it, pts in objective.partitions],
+        peak_memory_mib=peak_run,
+        batch_per_step=trainer.micro,
     )

@@ -1,15 +1,37 @@
-"""What a running training shows and records: a rich progress bar with an ETA, and dvclive metrics."""
+"""What a running training shows and records: a rich progress bar with an ETA, dvclive metrics, peak memory."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-__all__ = ["MetricsLogger", "TrainingProgress"]
+__all__ = ["MetricsLogger", "TrainingProgress", "peak_memory_mib", "reset_peak_memory"]
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak memory in MiB: on CUDA the most the caching allocator held in tensors since the last
+    :func:`reset_peak_memory` (``torch.cuda.max_memory_allocated``); on the CPU the process's peak
+    resident set size since it started (``resource.getrusage``; None where that does not exist)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for :func:`peak_memory_mib` (CUDA; the CPU's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class TrainingProgress:
