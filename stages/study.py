@@ -1,25 +1,23 @@
-"""`adcm study`: the equal-budget comparison of ADCM (several λ), ECT, iCT and sCT from one shared teacher.
+"""`adcm study`: the equal-budget comparison of ADCM (several λ, coarse-to-fine), ECT, iCT and sCT (docs/study.md).
 
-Sub-commands: `run` (one arm, one seed: train to each evaluation point, FID there), `ceiling` (the
-teacher's Heun FID), `report` (tables and figures), and `all` (everything in order, in one process;
-`--quick` for the CI-sized variant). The DVC pipeline `study/dvc.yaml` calls `run`, `ceiling` and
-`report` as stages: `dvc repro study/dvc.yaml` re-runs the study.
+Sub-commands: `plan` (the pieces and which are done), `shared` (the data floor and the teacher's records),
+`run` (every evaluation point of one arm × seed), `all` (everything in order, in slices with `--max-minutes`),
+and `report` (recomputed from the records). The DVC pipeline `study/dvc.yaml` calls `shared`, `run` and
+`report` as stages.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
 
-from adcm.config import load_params, load_study
-from adcm.devices import resolve_device
-from adcm.io.datasets import load_prepared
-from adcm.io.model_files import load_teacher
+from adcm.config import Params, load_params, load_study
 from adcm.stages.common import PARAMS_OPTION, user_errors
-from adcm.study.plan import find_arm, study_scale
+from adcm.study.plan import ParamsLoader
 from adcm.study.report import report_study
-from adcm.study.runner import eval_setup, run_one, run_study, teacher_ceiling
+from adcm.study.runner import Scorer, Study, StudyPaths, StudyProgress, inception_scorer
 
 study_app = typer.Typer(
     help="The equal-budget study (study/params.yaml; `dvc repro study/dvc.yaml`).",
@@ -30,81 +28,100 @@ study_app = typer.Typer(
 STUDY_OPTION = typer.Option(
     Path("study/params.yaml"),
     "--study",
-    help="The study's own params file (arms, budget, evaluation points, seeds, FID size).",
+    help="The study's own params file (arms, seeds, budget, evaluation points, N, t_mids, differences).",
 )
 QUICK_OPTION = typer.Option(False, "--quick", help="The CI-sized variant (the study file's `quick` section).")
+TEACHER_OPTION = typer.Option(Path("models/teacher.pt"), help="The shared teacher (the main pipeline's).")
 DATA_OPTION = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared training images.")
 REF_STATS_OPTION = typer.Option(Path("data/fid/reference.npz"), help="Reference FID statistics (shared).")
+RUNS_OPTION = typer.Option(Path("study/runs"), help="The records: <arm>/<seed>/record.json, floor.json, teacher.json.")
+CHECKPOINTS_OPTION = typer.Option(Path("study/checkpoints"), help="Resumable training states, <arm>/<seed>.pt.")
+OUT_OPTION = typer.Option(Path("reports/study"), help="The report: summary.md/.json and the figures.")
+MINUTES_OPTION = typer.Option(
+    None, "--max-minutes", help="Start no new piece after this many minutes (the current one finishes)."
+)
 
 
 def _log(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _loader(params: Path) -> ParamsLoader:
+    return functools.partial(load_params, params)
+
+
+def _study(
+    params: Path, study: Path, quick: bool, teacher: Path, data: Path, ref_stats: Path, runs: Path, ckpt: Path
+) -> Study:
+    load = _loader(params)
+    cfg = load_study(study)
+
+    def scorer(p: Params) -> Scorer:
+        return inception_scorer(p.score, data, ref_stats)
+
+    return Study(load, cfg, quick, StudyPaths(teacher, data, runs, ckpt), scorer, log=_log)
+
+
+def _finish(progress: StudyProgress) -> None:
+    if progress.remaining:
+        typer.echo(f"stopped: {progress.ran} pieces ran, {len(progress.remaining)} left; run the same command again")
+    else:
+        typer.echo(f"done: {progress.ran} pieces ran, nothing left")
+
+
+@study_app.command("plan")
+@user_errors
+def plan(
+    params: Path = PARAMS_OPTION,
+    study: Path = STUDY_OPTION,
+    quick: bool = QUICK_OPTION,
+    runs_dir: Path = RUNS_OPTION,
+) -> None:
+    """List the study's pieces in the order they run (the shared records, then seed by seed every arm's evaluation points), each marked done or pending from the records."""
+    s = _study(params, study, quick, Path(), Path(), Path(), runs_dir, Path())
+    pieces = s.pieces()
+    done = 0
+    for piece in pieces:
+        mark = s.is_done(piece)
+        done += mark
+        typer.echo(f"{'done   ' if mark else 'pending'}  {piece.describe()}")
+    typer.echo(f"{done} of {len(pieces)} pieces done")
+
+
+@study_app.command("shared")
+@user_errors
+def shared(
+    params: Path = PARAMS_OPTION,
+    study: Path = STUDY_OPTION,
+    quick: bool = QUICK_OPTION,
+    teacher: Path = TEACHER_OPTION,
+    data: Path = DATA_OPTION,
+    ref_stats: Path = REF_STATS_OPTION,
+    runs_dir: Path = RUNS_OPTION,
+) -> None:
+    """The records every arm is read against: the data floor (held-out real images at both N) and the teacher (its Heun metrics, and its consistency function — every arm's start — with κ)."""
+    s = _study(params, study, quick, teacher, data, ref_stats, runs_dir, Path())
+    _finish(s.run(s.shared_pieces()))
+
+
 @study_app.command("run")
 @user_errors
 def run(
-    arm: str = typer.Option(..., help="Arm name from the study file (`arms` or `process_arms`)."),
-    seed: int = typer.Option(..., help="Training seed (the global `seed` of this run)."),
+    arm: str = typer.Option(..., help="Arm name from the study file."),
+    seed: int = typer.Option(..., help="Training seed (the same for every arm: a paired design)."),
     params: Path = PARAMS_OPTION,
     study: Path = STUDY_OPTION,
     quick: bool = QUICK_OPTION,
-    teacher: Path = typer.Option(Path("models/teacher.pt"), help="The shared teacher (of the arm's process)."),
+    teacher: Path = TEACHER_OPTION,
     data: Path = DATA_OPTION,
     ref_stats: Path = REF_STATS_OPTION,
-    out: Path = typer.Option(..., help="Run record (JSON), rewritten after each evaluation point."),
-    checkpoint: Path = typer.Option(..., help="Resumable training state of this run."),
-    final_only: bool = typer.Option(False, help="Evaluate at the budget only (the method × process table)."),
+    runs_dir: Path = RUNS_OPTION,
+    checkpoint_dir: Path = CHECKPOINTS_OPTION,
+    max_minutes: float | None = MINUTES_OPTION,
 ) -> None:
-    """Train one arm for one seed from the shared teacher, pausing at every evaluation point of the budget to measure the 1-step and 2-step FID of the EMA weights (fixed sample seeds, shared reference statistics). Resumes after an interruption."""
-    cfg = load_study(study)
-    run_one(
-        params,
-        cfg,
-        find_arm(cfg, arm),
-        seed,
-        quick,
-        teacher_path=teacher,
-        data_path=data,
-        ref_stats=ref_stats,
-        out=out,
-        checkpoint=checkpoint,
-        eval_kimg=(study_scale(cfg, quick).budget_kimg,) if final_only else None,
-        log=_log,
-    )
-
-
-@study_app.command("ceiling")
-@user_errors
-def ceiling(
-    params: Path = PARAMS_OPTION,
-    study: Path = STUDY_OPTION,
-    quick: bool = QUICK_OPTION,
-    teacher: Path = typer.Option(Path("models/teacher.pt"), help="The teacher."),
-    data: Path = DATA_OPTION,
-    ref_stats: Path = REF_STATS_OPTION,
-    out: Path = typer.Option(..., help="Record (JSON) with the teacher's FID."),
-) -> None:
-    """The teacher's FID with EDM's Heun sampler (sample.teacher_steps levels; 35 NFE) at the study's N: the ceiling."""
-    p = load_params(params)
-    setup = eval_setup(p, data, ref_stats, study_scale(load_study(study), quick).fid_images)
-    record = teacher_ceiling(
-        load_teacher(teacher), load_prepared(data), p, setup, out, resolve_device(p.sample.device, "sample.device")
-    )
-    typer.echo(f"teacher ({record['process']}): FID {record['fid']:.2f} at N = {record['fid_images']}")
-
-
-@study_app.command("report")
-@user_errors
-def report(
-    params: Path = PARAMS_OPTION,
-    study: Path = STUDY_OPTION,
-    quick: bool = QUICK_OPTION,
-    runs_dir: Path = typer.Option(Path("study/runs"), help="Directory of the run records."),
-    out_dir: Path = typer.Option(Path("reports/study"), help="results.md/.json, fid_vs_kimg.png, schedules.png."),
-) -> None:
-    """Aggregate the runs: the table (mean ± half-range over seeds at every evaluation point, the teacher's ceiling), the method × process table, FID vs kimg, and the learned schedules vs ECT/iCT."""
-    typer.echo(report_study(params, load_study(study), quick, runs_dir, out_dir))
+    """Train one arm for one seed from the shared teacher, pausing at every evaluation point for the 1-step and 2-step KID/FID (every t_mid) and κ of the EMA; the record is rewritten after each point, and a re-run continues where it ends."""
+    s = _study(params, study, quick, teacher, data, ref_stats, runs_dir, checkpoint_dir)
+    _finish(s.run(s.run_pieces(arm, seed), max_minutes=max_minutes))
 
 
 @study_app.command("all")
@@ -113,15 +130,35 @@ def run_all(
     params: Path = PARAMS_OPTION,
     study: Path = STUDY_OPTION,
     quick: bool = QUICK_OPTION,
+    teacher: Path = TEACHER_OPTION,
     data: Path = DATA_OPTION,
-    teacher: Path | None = typer.Option(None, help="The VE teacher to share (default: train one into the work dir)."),
-    work_dir: Path = typer.Option(Path("study"), help="Teachers, reference statistics, checkpoints, run records."),
-    out_dir: Path = typer.Option(Path("reports/study"), help="The report."),
+    ref_stats: Path = REF_STATS_OPTION,
+    runs_dir: Path = RUNS_OPTION,
+    checkpoint_dir: Path = CHECKPOINTS_OPTION,
+    out_dir: Path = OUT_OPTION,
+    max_minutes: float | None = MINUTES_OPTION,
+    write_report: bool = typer.Option(True, "--report/--no-report", help="Write the report at the end."),
 ) -> None:
-    """Everything in one process, in order: teachers (one per process), reference statistics, the teacher ceilings, every arm × seed, the method × process arms, the report. What exists already is reused (runs resume)."""
-    cfg = load_study(study)
-    runs_dir = run_study(params, cfg, quick, data_path=data, teacher_path=teacher, work_dir=work_dir, log=_log)
-    typer.echo(report_study(params, cfg, quick, runs_dir, out_dir))
+    """Every piece not yet in the records, in order (the shared records, then seed by seed every arm), in one process; with --max-minutes it stops cleanly after the piece that crosses the limit, so a session can run the study in slices. Then the report of what is there."""
+    s = _study(params, study, quick, teacher, data, ref_stats, runs_dir, checkpoint_dir)
+    progress = s.run(max_minutes=max_minutes)
+    if write_report and any(runs_dir.glob("*/*/record.json")):
+        report_study(s.load, s.study, quick, runs_dir, out_dir)
+        typer.echo(f"report → {out_dir / 'summary.md'}")
+    _finish(progress)
+
+
+@study_app.command("report")
+@user_errors
+def report(
+    params: Path = PARAMS_OPTION,
+    study: Path = STUDY_OPTION,
+    quick: bool = QUICK_OPTION,
+    runs_dir: Path = RUNS_OPTION,
+    out_dir: Path = OUT_OPTION,
+) -> None:
+    """Recompute the report from the records: mean and 95 % t-interval over seeds at the budget, paired differences (arm − baseline), the plateau check, κ against the 2-step metric, the learned Δt(t) against ECT/iCT, and the figures."""
+    typer.echo(report_study(_loader(params), load_study(study), quick, runs_dir, out_dir))
 
 
 def register(app: typer.Typer) -> None:

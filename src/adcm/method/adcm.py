@@ -20,8 +20,10 @@ of Δt* are this project's decisions (docs/method.md, "Decisions").
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +49,7 @@ from adcm.processes import ForwardProcess
 
 __all__ = [
     "ADCMDiscretization",
+    "LambdaSchedule",
     "adcm_step",
     "build_partition",
     "build_partition_batched",
@@ -389,6 +392,40 @@ def _rebuild_seed(seed: int, iteration: int) -> int:
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """A piecewise-constant λ over the run: ``steps`` are ``(first iteration, λ)``, the first at iteration 0.
+
+    λ(iteration) is the λ of the last step whose first iteration is ≤ ``iteration`` (e.g. coarse-to-fine:
+    ``((0, 0.1), (200, 0.01))``). :class:`ADCMDiscretization` evaluates it at each rebuild and also rebuilds
+    at every switch, so the new λ takes effect at once.
+    """
+
+    steps: tuple[tuple[int, float], ...]
+
+    def __post_init__(self) -> None:
+        starts = [it for it, _ in self.steps]
+        if not starts or starts[0] != 0 or any(b < a for a, b in itertools.pairwise(starts)):
+            raise ValueError(f"a lambda schedule starts at iteration 0 and never goes back, got {self.steps}")
+        for _, lam in self.steps:
+            lam_factor(float(lam))  # validates
+
+    def __call__(self, iteration: int) -> float:
+        """λ at ``iteration``."""
+        return float([lam for it, lam in self.steps if it <= iteration][-1])
+
+    @property
+    def switches(self) -> frozenset[int]:
+        """The iterations after 0 where λ changes."""
+        return frozenset(it for it, _ in self.steps[1:] if it > 0)
+
+    @classmethod
+    def from_fractions(cls, steps: Sequence[tuple[float, float]], total_iters: int) -> LambdaSchedule:
+        """``(fraction of the run, λ)`` steps on a run of ``total_iters`` iterations (fractions rounded to whole
+        iterations, as every proportional schedule: ``train.adcm.lambda_schedule``)."""
+        return cls(tuple((round(fraction * total_iters), float(lam)) for fraction, lam in steps))
+
+
 class ADCMDiscretization(Discretization):
     """ADCM's adaptive discretization (Bai et al. 2025, Eq. 10, Alg. 1; docs/method.md#adcm).
 
@@ -408,7 +445,8 @@ class ADCMDiscretization(Discretization):
     Args:
         process: forward process.
         lam: λ ≥ 0 (``math.inf`` allowed), or a callable ``iteration -> λ`` (a λ schedule, e.g. the
-            ImageNet 0.64 → 0.01 decay), evaluated at each rebuild.
+            ImageNet 0.64 → 0.01 decay), evaluated at each rebuild; a :class:`LambdaSchedule` also
+            triggers a rebuild at each of its switches.
         rebuild_every_iters: rebuild period (25k in the paper).
         partition_batch_size: mini-batch size for each Δt* estimate.
         max_points: maximum partition length (default 4096).
@@ -492,11 +530,14 @@ class ADCMDiscretization(Discretization):
         return self._probs
 
     def needs_rebuild(self, iteration: int) -> bool:
-        """True if no partition exists yet, or ``iteration % rebuild_every_iters == 0`` and the
-        latest partition was not already built at this iteration (idempotent across resumption)."""
+        """True if no partition exists yet, or ``iteration % rebuild_every_iters == 0`` (or ``iteration`` is a
+        switch of a :class:`LambdaSchedule`) and the latest partition was not already built at this iteration
+        (idempotent across resumption)."""
         if not self._partitions:
             return True
-        return iteration % self.rebuild_every_iters == 0 and self._partitions[-1][0] != iteration
+        switch = isinstance(self.lam, LambdaSchedule) and iteration in self.lam.switches
+        due = iteration % self.rebuild_every_iters == 0 or switch
+        return due and self._partitions[-1][0] != iteration
 
     def rebuild(
         self,
