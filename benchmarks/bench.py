@@ -6,9 +6,10 @@
 
 Measured, each as images/s of one real optimizer step of the training loop
 (:meth:`adcm.train.loop.Trainer.step`: draws, forward, backward, optimizer, EMA):
-diffusion training (EDM loss), ECT, iCT, ADCM (its partition rebuild amortised at the configured period
-and at the paper's 25k iterations) and sCT (one JVP per step). Also one ADCM partition rebuild (|T| JVPs at
-the partition batch size), sampling (1 step, 2 steps, the teacher's Heun 35 NFE) and FID features.
+diffusion training (EDM loss), ECT, iCT, ADCM (its rebuilds amortised over the run as params.yaml schedules
+them — the whole-run ADCM/ECT time ratio — and at the paper's 25k iterations) and sCT (one JVP per step).
+Also one ADCM partition rebuild (the batched builder's, timed; Algorithm 1's estimated as |T| JVPs at the
+partition batch size), sampling (1 step, 2 steps, the teacher's Heun 35 NFE) and FID features.
 
 Every configuration is timed in each of ``--rounds`` rounds, in turn, and the median round is kept, so
 slow drifts of the machine (thermal, other load) hit all of them alike; ratios (ADCM/ECT, CT/diffusion)
@@ -35,7 +36,7 @@ from adcm.config import Params, load_params
 from adcm.io.datasets import ImageDataset
 from adcm.io.files import atomic_write_text
 from adcm.io.model_files import TeacherFile
-from adcm.method.adcm import adcm_step
+from adcm.method.adcm import adcm_step, build_partition_batched
 from adcm.nets.precond import denoiser
 from adcm.processes import VEProcess, coordinates
 from adcm.sampling.generate import ConsistencySampler, HeunSampler, generate
@@ -160,18 +161,39 @@ def main() -> None:
 
     steps = interleaved({name: stepper(name) for name in trainers}, args.rounds, args.iters, device)
 
-    # One partition rebuild: |T| evaluations of Eq. 10 (one JVP each) at the partition batch size, dropout off.
+    # One partition rebuild with this params.yaml's builder, dropout off. Batched: the real rebuild (its cost is
+    # partition_times × partition_batch_size JVP rows whatever λ). Sequential (Algorithm 1): |T| evaluations of
+    # Eq. 10, one JVP each at the partition batch size, timed per JVP and multiplied by --partition-points.
     pb = cfg.adcm.partition_batch_size
     frozen = teacher.consistency_function(ve.eps).to(device).eval()
     gen = torch.Generator().manual_seed(0)
     xp = torch.rand((pb, *shape[1:]), generator=gen).to(device) * 2 - 1
     zp = torch.randn((pb, *shape[1:]), generator=gen).to(device)
     jvp_s = interleaved({"jvp": lambda: adcm_step(frozen, xp, zp, 1.0, params.lam, ve)}, 1, args.jvps, device)["jvp"]
-    rebuild_s = jvp_s * (args.partition_points - 1)
+    sequential_rebuild_s = jvp_s * (args.partition_points - 1)
+
+    def draw(n: int, g: torch.Generator) -> torch.Tensor:
+        return (torch.rand((n, *shape[1:]), generator=g) * 2 - 1).to(device)
+
+    def batched_rebuild() -> None:
+        build_partition_batched(
+            frozen,
+            draw,
+            torch.Generator().manual_seed(0),
+            process=ve,
+            lam=params.lam,
+            batch_size=pb,
+            num_times=cfg.adcm.partition_times,
+            max_points=cfg.adcm.max_points,
+        )
+
+    batched_rebuild_s = interleaved({"rebuild": batched_rebuild}, 1, 2, device)["rebuild"]
+    rebuild_s = batched_rebuild_s if cfg.adcm.partition == "batched" else sequential_rebuild_s
     total_iters = max(1, math.ceil(cfg.duration_kimg * 1000 / cfg.batch_size))
     run_period = max(1, round(cfg.adcm.rebuild_fraction * total_iters))  # this params.yaml's rebuild period
+    rebuilds_per_run = math.ceil(total_iters / run_period)  # at iterations 0, period, 2·period, …
     amortised = {
-        "params": steps["adcm"] + rebuild_s / run_period,
+        "params": steps["adcm"] + rebuild_s * rebuilds_per_run / total_iters,
         "paper": steps["adcm"] + rebuild_s / PAPER_REBUILD_EVERY,
     }
 
@@ -205,7 +227,10 @@ def main() -> None:
         ("ECT step", b / steps["ect"]),
         ("iCT step", b / steps["ict"]),
         ("ADCM step (partition given)", b / steps["adcm"]),
-        (f"ADCM step + rebuild every {run_period} it (this params.yaml)", b / amortised["params"]),
+        (
+            f"ADCM step + {rebuilds_per_run} {cfg.adcm.partition} rebuilds per {total_iters} it (params.yaml)",
+            b / amortised["params"],
+        ),
         (f"ADCM step + rebuild every {PAPER_REBUILD_EVERY} it (paper)", b / amortised["paper"]),
         ("sCT step (JVP + forward + backward)", b / steps["sct"]),
         ("sampling, 1 step", b / sampling["1step"]),
@@ -222,6 +247,8 @@ def main() -> None:
         "sct_over_ect_time": steps["sct"] / steps["ect"],
         "jvps_per_s": 1 / jvp_s,
         "rebuild_s": rebuild_s,
+        "rebuild_s_batched": batched_rebuild_s,
+        "rebuild_s_sequential_estimate": sequential_rebuild_s,
     }
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
@@ -235,14 +262,15 @@ def main() -> None:
         print(f"  {name:<52} {rate:10.1f} img/s")
     print(
         f"  ADCM/ECT time: {ratios['adcm_over_ect_time_paper_period']:.3f} (rebuild every {PAPER_REBUILD_EVERY}), "
-        f"{ratios['adcm_over_ect_time_params_period']:.3f} (every {run_period}); step alone "
+        f"{ratios['adcm_over_ect_time_params_period']:.3f} (this run: {rebuilds_per_run} rebuilds); step alone "
         f"{ratios['adcm_step_over_ect_step_time']:.3f}"
     )
     print(
         f"  CT/diffusion time {ratios['ct_over_diffusion_time']:.3f}   sCT/ECT time {ratios['sct_over_ect_time']:.3f}"
     )
     print(
-        f"  partition rebuild: {rebuild_s:.1f} s for |T| = {args.partition_points} "
+        f"  partition rebuild: batched {batched_rebuild_s:.1f} s ({cfg.adcm.partition_times} times × {pb}); "
+        f"sequential ≈ {sequential_rebuild_s:.1f} s for |T| = {args.partition_points} "
         f"({ratios['jvps_per_s']:.2f} JVP/s at batch {pb})"
     )
     atomic_write_text(

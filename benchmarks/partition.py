@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.01, 0.001])
     ap.add_argument("--sequential-batch", type=int, default=8, help="samples per point, sequential (Algorithm 1)")
     ap.add_argument("--batched-batch", type=int, default=64, help="samples per grid time, batched")
-    ap.add_argument("--times", type=int, default=32, help="grid times of the batched builder")
+    ap.add_argument(
+        "--times", type=int, nargs="+", default=[8, 16], help="grid times of the batched builder (one build per value)"
+    )
     ap.add_argument("--chunk", type=int, default=64, help="JVP rows per call, batched")
     ap.add_argument("--repeats", type=int, default=3, help="builds per builder (seeds 0…) for the spread at t > 10")
     ap.add_argument("--max-points", type=int, default=20000)
@@ -63,10 +65,11 @@ def main() -> None:
     probe = np.exp(np.linspace(math.log(proc.eps * 1.01), math.log(10.0), 200))
     high = np.exp(np.linspace(math.log(10.0), math.log(proc.t_max * 0.99), 40))
     for lam in args.lambdas:
-        builds: dict[str, list[torch.Tensor]] = {"sequential": [], "batched": []}
-        seconds: dict[str, list[float]] = {"sequential": [], "batched": []}
+        names = ["sequential"] + [f"batched-{n}" for n in args.times]
+        builds: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        seconds: dict[str, list[float]] = {name: [] for name in names}
         for seed in range(args.repeats):
-            for name in ("sequential", "batched"):  # interleaved: drifts of the machine hit both alike
+            for name in names:  # interleaved: drifts of the machine hit all alike
                 gen = torch.Generator().manual_seed(seed)
                 t0 = time.perf_counter()
                 if name == "sequential":
@@ -87,40 +90,52 @@ def main() -> None:
                         process=proc,
                         lam=lam,
                         batch_size=args.batched_batch,
-                        num_times=args.times,
+                        num_times=int(name.split("-")[1]),
                         chunk_size=args.chunk,
                         max_points=args.max_points,
                     )
                 seconds[name].append(time.perf_counter() - t0)
                 builds[name].append(pts)
-        seq, bat = builds["sequential"][0], builds["batched"][0]
-        ratio = _dt_at(bat, probe) / _dt_at(seq, probe)
+        seq = builds["sequential"][0]
 
         def spread(name: str, builds: dict[str, list[torch.Tensor]] = builds) -> float:
             dts = np.stack([_dt_at(p, high) for p in builds[name]])
             return float(np.median(dts.std(0) / dts.mean(0)))
 
-        row = {
+        row: dict[str, object] = {
             "lambda": lam,
             "seconds_sequential": float(np.median(seconds["sequential"])),
-            "seconds_batched": float(np.median(seconds["batched"])),
+            "seconds_sequential_each": seconds["sequential"],
             "points_sequential": [int(p.numel()) for p in builds["sequential"]],
-            "points_batched": [int(p.numel()) for p in builds["batched"]],
-            "median_dt_ratio_t_le_10": float(np.median(ratio)),
-            "dt_ratio_p10_p90_t_le_10": [float(np.percentile(ratio, 10)), float(np.percentile(ratio, 90))],
             "dt_spread_t_gt_10_sequential": spread("sequential"),
-            "dt_spread_t_gt_10_batched": spread("batched"),
+            "batched": [],
         }
-        row["speedup"] = row["seconds_sequential"] / row["seconds_batched"]
-        row["points_ratio"] = row["points_batched"][0] / row["points_sequential"][0]
+        line = f"λ = {lam:g}: sequential {row['seconds_sequential']:.1f} s (|T| {row['points_sequential']})"
+        for n in args.times:
+            name = f"batched-{n}"
+            bat = builds[name][0]
+            ratio = _dt_at(bat, probe) / _dt_at(seq, probe)
+            entry = {
+                "times": n,
+                "jvp_rows": n * args.batched_batch,
+                "seconds": float(np.median(seconds[name])),
+                "seconds_each": seconds[name],
+                "points": [int(p.numel()) for p in builds[name]],
+                "median_dt_ratio_t_le_10": float(np.median(ratio)),
+                "dt_ratio_p10_p90_t_le_10": [float(np.percentile(ratio, 10)), float(np.percentile(ratio, 90))],
+                "dt_spread_t_gt_10": spread(name),
+            }
+            entry["speedup"] = row["seconds_sequential"] / entry["seconds"]  # type: ignore[operator]
+            entry["points_ratio"] = entry["points"][0] / row["points_sequential"][0]  # type: ignore[index]
+            row["batched"].append(entry)  # type: ignore[attr-defined]
+            line += (
+                f"; batched×{n} {entry['seconds']:.2f} s (|T| {entry['points']}): {entry['speedup']:.1f}× faster, "
+                f"|T| ratio {entry['points_ratio']:.3f}, median Δt ratio (t ≤ 10) "
+                f"{entry['median_dt_ratio_t_le_10']:.3f}, spread at t > 10 "
+                f"{row['dt_spread_t_gt_10_sequential']:.2f} → {entry['dt_spread_t_gt_10']:.2f}"
+            )
         results.append(row)
-        print(
-            f"λ = {lam:g}: sequential {row['seconds_sequential']:.1f} s (|T| {row['points_sequential']}), "
-            f"batched {row['seconds_batched']:.2f} s (|T| {row['points_batched']}): {row['speedup']:.1f}× faster; "
-            f"|T| ratio {row['points_ratio']:.3f}, median Δt ratio (t ≤ 10) {row['median_dt_ratio_t_le_10']:.3f}; "
-            f"spread of Δt at t > 10: {row['dt_spread_t_gt_10_sequential']:.2f} → "
-            f"{row['dt_spread_t_gt_10_batched']:.2f}"
-        )
+        print(line, flush=True)
     atomic_write_text(
         args.out,
         json.dumps(
@@ -129,7 +144,7 @@ def main() -> None:
                 "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
                 "sequential_batch": args.sequential_batch,
                 "batched_batch": args.batched_batch,
-                "times": args.times,
+                "times": list(args.times),
                 "chunk": args.chunk,
                 "repeats": args.repeats,
                 "results": results,

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import difflib
 import enum
+import itertools
 import math
 import re
 import reprlib
@@ -35,6 +36,7 @@ __all__ = [
     "ECTConfig",
     "HeunConfig",
     "ICTConfig",
+    "LambdaStep",
     "Method",
     "NetworkConfig",
     "OnConfigChange",
@@ -49,6 +51,7 @@ __all__ = [
     "ScoreConfig",
     "StudyArm",
     "StudyConfig",
+    "StudyDifference",
     "StudyScale",
     "TMidConfig",
     "TeacherConfig",
@@ -92,7 +95,7 @@ class PrepareConfig:
 
     dataset: DatasetName = param(
         "dataset format: fashion-mnist (IDX .gz files), cifar10 (the official "
-        "cifar-10-python.tar.gz) or folder (PNG/JPEG images)"
+        "cifar-10-python.tar.gz) or folder (PNG/JPEG images, ImageNet's class-per-folder layout; streamed, RGB)"
     )
     source: str = param(
         "directory holding the IDX files (fashion-mnist) or images (folder), or the "
@@ -100,7 +103,8 @@ class PrepareConfig:
     )
     split: Literal["train", "test"] = param("which split to read (fashion-mnist, cifar10)")
     resolution: int = param(
-        "output size in pixels; smaller images are centre-padded with the background value (Fashion-MNIST 28 → 32)",
+        "output size in pixels; fashion-mnist/cifar10: smaller images are centre-padded with the background value "
+        "(Fashion-MNIST 28 → 32); folder: ADM/EDM2's centre crop and resize to resolution × resolution",
         gt=0,
     )
     labels: bool = param("keep class labels (folder: first-level sub-directories are the classes)")
@@ -139,17 +143,23 @@ class HeunConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """`adcm teacher`: train an EDM diffusion teacher here, or import EDM's released pickle."""
+    """`adcm teacher`: train an EDM diffusion teacher here, or import EDM's or EDM2's released pickle."""
 
     source: Literal["train", "url", "file"] = param(
-        "train: train a teacher on the prepared data; url: download EDM's pickle; file: import a local EDM pickle"
+        "train: train a teacher on the prepared data; url: download an EDM or EDM2 pickle; file: import a local one"
     )
-    url: str | None = param("EDM pickle to download (source: url)")
+    url: str | None = param("EDM or EDM2 snapshot pickle to download (source: url)")
     sha256: str | None = param(
-        "expected SHA-256 of the pickle: required for source: url, checked for source: file when set"
+        "expected SHA-256 of the pickle: checked for source: url (null only with sha256_record) and for "
+        "source: file when set"
+    )
+    sha256_record: str | None = param(
+        "source: url with sha256 null: a file holding the SHA-256 of the download, written on the first "
+        "download (trust on first use; commit it) and enforced on every later one (null = none; unused "
+        "when sha256 is set)"
     )
     download_path: str = param("where the downloaded pickle is kept (source: url)")
-    file: str | None = param("local EDM pickle (source: file)")
+    file: str | None = param("local EDM or EDM2 snapshot pickle (source: file)")
     device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     network: NetworkConfig = param("network of a teacher trained here (source: train)")
     sigma_data: float = param("σ_d, the data standard deviation assumed by the preconditioning", gt=0)
@@ -183,6 +193,14 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class LambdaStep:
+    """One entry of ``train.adcm.lambda_schedule``: λ from a fraction of the run on."""
+
+    start: float = param("fraction of the run's steps from which this λ applies (the first entry: 0)", ge=0, lt=1)
+    lam: float = param("ADCM's λ from then on (paper Eq. 10)", ge=0, key="lambda")
+
+
+@dataclass(frozen=True)
 class ADCMConfig:
     """ADCM's adaptive partition (paper Eq. 10–11, Alg. 1; docs/method.md#adcm). λ is the top-level `lambda`."""
 
@@ -209,6 +227,11 @@ class ADCMConfig:
     )
     p_mean: float = param("mean of ln ρ (noise-to-signal ratio; = ln t on VE) of the discretised log-normal")
     p_std: float = param("std of ln ρ of the discretised log-normal interval distribution", gt=0)
+    lambda_schedule: tuple[LambdaStep, ...] | None = param(
+        "λ switching during the run, e.g. coarse-to-fine [{start: 0.0, lambda: 0.1}, {start: 0.5, lambda: 0.01}]: "
+        "each rebuild uses the λ of the last entry that has started, and the partition is also rebuilt at each "
+        "switch; the first start is 0 and the last λ equals the top-level `lambda` (null = constant `lambda`)"
+    )
 
 
 @dataclass(frozen=True)
@@ -294,8 +317,11 @@ class TrainConfig:
     device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     duration_kimg: float = param("training length in thousands of images", gt=0)
     batch_size: int = param("images per optimizer step (global, over all processes)", gt=0)
-    batch_per_step: int | None = param(
-        "images per forward pass per process (gradient accumulation); null = the whole per-process batch", gt=0
+    batch_per_step: int | Literal["auto"] | None = param(
+        "images per forward pass per process (gradient accumulation); null = the whole per-process batch; "
+        "auto = the largest divisor of it whose step fits in the free GPU memory (probed at the first step; "
+        "the whole batch on CPU)",
+        gt=0,
     )
     optimizer: Literal["radam", "adam"] = param("optimizer")
     lr: float = param("learning rate", gt=0)
@@ -313,6 +339,10 @@ class TrainConfig:
     tf32: bool = param("TF32 matmuls and convolutions on CUDA (ignored on CPU)")
     fused_optimizer: bool = param("fused Adam / foreach RAdam kernels on CUDA (ignored on CPU)")
     compile: bool = param("torch.compile the student forward on CUDA (never around a JVP; ignored on CPU)")
+    activation_checkpointing: bool = param(
+        "recompute the residual blocks' activations in the backward pass (less memory, ≈ one more forward; "
+        "the JVPs are never checkpointed); any device"
+    )
     grid_every_kimg: float = param("log a 1-step sample grid every this many thousand images", gt=0)
     checkpoint_every_kimg: float = param("write a resumable checkpoint every this many thousand images", gt=0)
     log_every_kimg: float = param("log metrics every this many thousand images", gt=0)
@@ -350,14 +380,27 @@ class SampleConfig:
     batch_size: int = param("images per forward pass (does not change the images)", gt=0)
     t_mid: TMidConfig = param("intermediate point of 2-step sampling, per method, as a VE σ")
     teacher_steps: int = param("Heun steps of the teacher reference; NFE = 2·steps − 1 (18 → 35)", ge=2)
-    grid_rows: int = param("the grid PNG shows grid_rows × grid_rows images", gt=0)
+    grid_rows: int = param(
+        "the grid PNG shows grid_rows × grid_rows images (a conditional model with class_label null: row r "
+        "shows class r)",
+        gt=0,
+    )
+    class_label: int | None = param(
+        "class-conditional models: null = an exactly class-balanced set (image of seed s has class s mod the "
+        "number of classes, recorded in the samples file), or one class for every image",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """`adcm score`: FID with clean-fid's mode="clean" Inception features, offline."""
+    """`adcm score`: FID with clean-fid's Inception features (mode "clean" or "legacy_tensorflow"), offline."""
 
     device: Device = param("auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    fid_mode: Literal["clean", "legacy_tensorflow"] = param(
+        "clean-fid's feature mode: clean (PIL bicubic resize to 299) or legacy_tensorflow (TensorFlow 1's "
+        "bilinear resize inside the network, how EDM/ECT/ADCM report FID); reference statistics record it"
+    )
     reference_count: int | None = param("training images in the reference statistics (the first N; null = all)", gt=0)
     batch_size: int = param("images per Inception forward pass", gt=0)
     inception_path: str | None = param(
@@ -406,32 +449,67 @@ class StudyArm:
 
     name: str = param("identifier used in file names and tables (letters, digits, '.', '-', '_')")
     method: Method = param("adcm, ect, ict or sct")
-    lam: float | None = param("ADCM's λ (null for the other methods)", ge=0, key="lambda")
-    process: ProcessName = param("forward process (its teacher is trained in that process)")
+    lam: float | None = param(
+        "ADCM's λ (null for the other methods); with a train.adcm.lambda_schedule override, the λ it ends with",
+        ge=0,
+        key="lambda",
+    )
+    process: ProcessName = param("forward process of the teacher (sCT trains in TrigFlow, converting it exactly)")
     overrides: tuple[str, ...] | None = param("extra params.yaml overrides KEY=VALUE for this arm only (null = none)")
+    seeds: tuple[int, ...] | None = param(
+        "training seeds of this arm (null = the scale's seeds; e.g. a check arm on the first seed only)", ge=0
+    )
+
+
+@dataclass(frozen=True)
+class StudyDifference:
+    """A paired comparison of the report: ``arm`` − ``baseline``, seed by seed (same training and sample seeds)."""
+
+    arm: str = param("the arm")
+    baseline: str = param("the arm it is compared with")
 
 
 @dataclass(frozen=True)
 class StudyScale:
-    """Budget, evaluation points, seeds and FID size of one variant of the study (full or quick)."""
+    """Budget, seeds and evaluation of one variant of the study (full or quick); every arm gets the same."""
 
-    budget_kimg: float = param("training budget of every arm, thousands of images (equal for all)", gt=0)
-    eval_kimg: tuple[float, ...] = param("points of the budget where FID is measured (the last = budget_kimg)", gt=0)
-    seeds: tuple[int, ...] = param("training seeds of every arm (≥ 2 for a spread)", ge=0)
-    fid_images: int = param("generated images per FID, 1-step and 2-step alike; image i uses seed i", gt=0)
+    budget_kimg: float = param(
+        "training budget of every arm, thousands of images; every schedule is a fraction of it, so a run "
+        "cannot be extended (a new budget starts it over)",
+        gt=0,
+    )
+    seeds: tuple[int, ...] = param("training seeds of every arm (the same for all: a paired design; ≥ 3)", ge=0)
+    eval_fractions: tuple[float, ...] = param(
+        "fractions of the run where the EMA is evaluated (increasing, the last 1.0): the curves", gt=0, le=1
+    )
+    curve_images: int = param(
+        "generated images per metric at every evaluation point (sample seeds 0 … N−1, the same for every arm)", ge=2
+    )
+    final_images: int = param(
+        "generated images per metric at the budget (the curve's N is scored on their first curve_images too)", ge=2
+    )
+    t_mids: tuple[float, ...] = param("2-step intermediate levels as VE σ (the sweep), and κ's levels", gt=0)
+    kappa_images: int = param("held-out images (after the FID reference) for the noise pass-through κ", ge=2)
+    kappa_seed: int = param("seed of κ's noise (the same for every arm and evaluation point)", ge=0)
+    plateau_window: float = param(
+        "the report's plateau check: the last this fraction of the run, where the 1-step KID must have gained "
+        "less than plateau_tolerance of its whole gain since the start",
+        gt=0,
+        lt=1,
+    )
+    plateau_tolerance: float = param("the plateau check's largest share of the gain in the window", gt=0, le=1)
     overrides: tuple[str, ...] | None = param("params.yaml overrides KEY=VALUE for every run (null = none)")
     arms: tuple[str, ...] | None = param("names of the arms to run (null = all of `arms`)")
-    process_arms: tuple[str, ...] | None = param("names of the method × process arms to run (null = all)")
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """`adcm study`: the equal-budget comparison (issue: does adaptive discretization win?)."""
+    """`adcm study`: the equal-budget comparison (issue 20; docs/study.md)."""
 
     full: StudyScale = param("the study as reported")
     quick: StudyScale = param("a CI-sized variant of the same code path (`--quick`)")
     arms: tuple[StudyArm, ...] = param("the compared arms, each trained for every seed")
-    process_arms: tuple[StudyArm, ...] = param("the method × process table (first seed only, FID at the budget)")
+    differences: tuple[StudyDifference, ...] = param("the paired differences of the report (arm − baseline)")
 
 
 def load_study(path: Path) -> StudyConfig:
@@ -439,26 +517,40 @@ def load_study(path: Path) -> StudyConfig:
     path = Path(path)
     data = _read_yaml(path, "study params file")
     study = _build(StudyConfig, data, "", str(path))
-    names = [a.name for a in (*study.arms, *study.process_arms)]
-    for arm in (*study.arms, *study.process_arms):
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", arm.name):
+    names = [a.name for a in study.arms]
+    for arm in study.arms:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", arm.name) or arm.name in (".", ".."):
             raise ParamsError(f"{path}: arms: name {_short(arm.name)}: use letters, digits, '.', '-', '_'")
         if (arm.method == "adcm") != (arm.lam is not None):
             raise ParamsError(f"{path}: arms.{arm.name}.lambda: expected a number for adcm and null otherwise")
     dupes = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if dupes:
         raise ParamsError(f"{path}: arms: duplicate names {dupes}")
+    for i, diff in enumerate(study.differences):
+        unknown = sorted({diff.arm, diff.baseline} - set(names))
+        if unknown or diff.arm == diff.baseline:
+            raise ParamsError(
+                f"{path}: differences[{i}]: expected two different arm names, got {diff.arm!r} − {diff.baseline!r}"
+            )
     for which in ("full", "quick"):
         scale = getattr(study, which)
-        for key, pool in (("arms", study.arms), ("process_arms", study.process_arms)):
-            unknown = sorted(set(getattr(scale, key) or ()) - {a.name for a in pool})
-            if unknown:
-                raise ParamsError(f"{path}: {which}.{key}: unknown arm names {unknown}")
-        if max(scale.eval_kimg) != scale.budget_kimg:
+        unknown = sorted(set(scale.arms or ()) - set(names))
+        if unknown:
+            raise ParamsError(f"{path}: {which}.arms: unknown arm names {unknown}")
+        fractions = list(scale.eval_fractions)
+        if fractions[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(fractions)):
             raise ParamsError(
-                f"{path}: {which}.eval_kimg: expected its largest entry to be budget_kimg "
-                f"({scale.budget_kimg}), got {list(scale.eval_kimg)}"
+                f"{path}: {which}.eval_fractions: expected increasing fractions ending at 1.0, got {fractions}"
             )
+        if scale.final_images < scale.curve_images:
+            raise ParamsError(
+                f"{path}: {which}.final_images: expected at least curve_images ({scale.curve_images}), "
+                f"got {scale.final_images}"
+            )
+        for key in ("seeds", "t_mids"):
+            values = list(getattr(scale, key))
+            if len(set(values)) != len(values):
+                raise ParamsError(f"{path}: {which}.{key}: expected distinct values, got {values}")
     return study
 
 
@@ -588,7 +680,7 @@ def _describe_type(tp: Any, meta: dict) -> str:
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return _describe_type(inner[0], meta) + " or null"
+        return " or ".join(_describe_type(a, meta) for a in inner) + (" or null" if type(None) in args else "")
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
@@ -634,7 +726,17 @@ def _convert(tp: Any, value: Any, where: str, meta: dict, source: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         if value is None:
             raise ParamsError(f"{source}: {where}: expected {expected}, got null")
-        return _convert(inner[0], value, where, meta, source)
+        for option in inner[:-1]:  # e.g. an integer or 'auto': the first that converts
+            try:
+                return _convert(option, value, where, meta, source)
+            except ParamsError:
+                pass
+        try:
+            return _convert(inner[-1], value, where, meta, source)
+        except ParamsError:
+            if len(inner) == 1:
+                raise
+            raise ParamsError(f"{source}: {where}: expected {expected}, got {_short(value)}") from None
     if origin is Literal:
         if value not in args:
             raise ParamsError(f"{source}: {where}: expected {expected}, got {_short(value)}")
@@ -702,10 +804,20 @@ def _validate(params: Params, source: str) -> None:
     if t.source == "url":
         if not t.url:
             raise ParamsError(f"{source}: teacher.url: expected a URL when teacher.source is 'url', got null")
-        if not t.sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", t.sha256):
+        if t.sha256 is None and t.sha256_record is None:
+            raise ParamsError(
+                f"{source}: teacher.sha256: expected the 64-hex-digit SHA-256 of the pickle when teacher.source "
+                "is 'url', or null together with teacher.sha256_record (recorded on first use), got None"
+            )
+        if t.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", t.sha256):
             raise ParamsError(
                 f"{source}: teacher.sha256: expected the 64-hex-digit SHA-256 of the pickle "
-                f"when teacher.source is 'url', got {t.sha256!r}"
+                f"when teacher.source is 'url', got {_short(t.sha256)}"
+            )
+        if t.sha256 is None and t.sha256_record is not None and Path(t.sha256_record) == Path(t.download_path):
+            raise ParamsError(
+                f"{source}: teacher.sha256_record: expected a file other than teacher.download_path, "
+                f"got {t.sha256_record!r}"
             )
     if t.source == "file" and not t.file:
         raise ParamsError(f"{source}: teacher.file: expected a path when teacher.source is 'file', got null")
@@ -753,14 +865,14 @@ def _validate(params: Params, source: str) -> None:
             raise ParamsError(f"{source}: processes.{name}.t_max: expected < {upper:.6g}, got {rng.t_max}")
     if params.process == "fm" and t.source != "train":
         raise ParamsError(
-            f"{source}: process: 'fm' needs teacher.source 'train' (EDM's pickles are VE "
+            f"{source}: process: 'fm' needs teacher.source 'train' (EDM's and EDM2's pickles are VE "
             f"teachers; they convert exactly to trigflow, not to fm), got teacher.source {t.source!r}"
         )
     if (tr.ema_beta is None) == (tr.ema_halflife_kimg is None):
         raise ParamsError(
             f"{source}: train.ema_beta: set exactly one of train.ema_beta and train.ema_halflife_kimg (the other null)"
         )
-    if tr.batch_per_step is not None and tr.batch_size % tr.batch_per_step:
+    if isinstance(tr.batch_per_step, int) and tr.batch_size % tr.batch_per_step:
         raise ParamsError(
             f"{source}: train.batch_per_step: expected a divisor of train.batch_size "
             f"({tr.batch_size}), got {tr.batch_per_step}"
@@ -775,6 +887,19 @@ def _validate(params: Params, source: str) -> None:
             raise ParamsError(
                 f"{source}: sample.t_mid.{method}: expected a σ between {rho_lo:.4g} and {rho_hi:.4g} "
                 f"(processes.{params.process}'s range as a noise-to-signal ratio), got {value}"
+            )
+    schedule = tr.adcm.lambda_schedule
+    if schedule is not None:
+        starts = [step.start for step in schedule]
+        if starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
+            raise ParamsError(
+                f"{source}: train.adcm.lambda_schedule: expected starts beginning at 0 and strictly increasing, "
+                f"got {starts}"
+            )
+        if schedule[-1].lam != params.lam:
+            raise ParamsError(
+                f"{source}: train.adcm.lambda_schedule: expected its last lambda to equal the top-level lambda "
+                f"({params.lam}, the λ the run ends with), got {schedule[-1].lam}"
             )
     if tr.ict.s1 < tr.ict.s0:
         raise ParamsError(f"{source}: train.ict.s1: expected ≥ train.ict.s0 ({tr.ict.s0}), got {tr.ict.s1}")

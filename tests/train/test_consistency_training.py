@@ -195,10 +195,15 @@ def test_train_and_schedule_stages_write_their_outputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("partition", ["sequential", "batched"])
+def test_two_gloo_processes_match_one_process(tmp_path: Path, partition: str) -> None:
+    """ADCM under DDP: the partition is built on rank 0 and broadcast (either builder), the weights match."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     data, teacher, params = _stage_files(tmp_path)
-    write_params(params, tiny_params({**TRAIN_TINY, "train.batch_per_step": 8}))
+    overrides = {**TRAIN_TINY, "train.batch_per_step": 8, "train.adcm.partition": partition}
+    if partition == "batched":
+        overrides.update({"train.adcm.partition_times": 4, "train.adcm.partition_batch_size": 8})
+    write_params(params, tiny_params(overrides))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
         [sys.executable, "-m", "adcm", *_train_args(tmp_path, data, teacher, params, "one.pt")],
@@ -214,7 +219,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29517",
+            "29517" if partition == "sequential" else "29518",
             "-m",
             "adcm",
             *_train_args(tmp_path, data, teacher, params, "two.pt"),
@@ -334,8 +339,6 @@ def test_teacher_train_sample_schedule_pipeline_per_process(tmp_path: Path, meth
                 str(params),
                 "--model",
                 str(tmp_path / model),
-                "--data",
-                str(data),
                 "--out",
                 str(tmp_path / f"{sampler}.npz"),
                 "--grid",

@@ -21,16 +21,17 @@ from adcm.io.files import atomic_path, sha256_file
 __all__ = ["DownloadError", "download"]
 
 
-def download(url: str, dest: Path, sha256: str, show_progress: bool = True, timeout_s: float = 60.0) -> Path:
+def download(url: str, dest: Path, sha256: str | None, show_progress: bool = True, timeout_s: float = 60.0) -> Path:
     """Fetch ``url`` to ``dest`` unless ``dest`` already exists with the expected SHA-256.
 
     The bytes go to a temporary file next to ``dest`` and are renamed onto it only once they are
     complete and their SHA-256 equals ``sha256``; on any failure (:class:`DownloadError`, one line)
-    no file is left.
+    no file is left. ``sha256=None`` (a first download whose checksum the caller records, see
+    docs/presets.md#teacher-checksums) always fetches and accepts any complete download.
     """
     dest = Path(dest)
-    expected = sha256.lower()
-    if dest.is_file() and sha256_file(dest) == expected:
+    expected = None if sha256 is None else sha256.lower()
+    if expected is not None and dest.is_file() and sha256_file(dest) == expected:
         return dest
     digest = hashlib.sha256()
     try:
@@ -58,7 +59,7 @@ def download(url: str, dest: Path, sha256: str, show_progress: bool = True, time
                     f"{url}: download incomplete: received {received} of the {total} bytes "
                     "announced; the file was discarded"
                 )
-            if digest.hexdigest() != expected:
+            if expected is not None and digest.hexdigest() != expected:
                 raise DownloadError(
                     f"{url}: SHA-256 {digest.hexdigest()} does not match the expected {expected}; "
                     "the file was discarded"

@@ -34,7 +34,7 @@ from adcm.errors import CheckpointError, DatasetError
 from adcm.io.datasets import ImageDataset, load_prepared
 from adcm.io.files import sha256_file
 from adcm.io.model_files import StudentFile, TeacherFile, load_teacher
-from adcm.method.adcm import ADCMDiscretization
+from adcm.method.adcm import ADCMDiscretization, LambdaSchedule
 from adcm.method.discretization import Discretization, fraction_of_run
 from adcm.method.ect import ECTDiscretization
 from adcm.method.ict import ICTDiscretization
@@ -47,7 +47,7 @@ from adcm.method.objectives import (
 )
 from adcm.nets.precond import denoiser
 from adcm.processes import ForwardProcess, TrigFlowProcess, make_process
-from adcm.sampling.generate import ConsistencySampler, generate, uniform_label_probs
+from adcm.sampling.generate import ConsistencySampler, sample_grid
 from adcm.train.batches import BatchSource
 from adcm.train.distributed import DistInfo
 from adcm.train.ema import EMARule
@@ -119,6 +119,7 @@ def teacher_spec(params: Params, data: ImageDataset, data_id: str) -> RunSpec:
         "sampler",
         "url",
         "sha256",
+        "sha256_record",
         "download_path",
         "file",
         "duration_kimg",
@@ -197,18 +198,38 @@ def huber_c_for(method: Method, cfg: TrainConfig, data_dim: int) -> float:
 
 
 def make_discretization(
-    method: Method, lam: float, cfg: TrainConfig, total_iters: int, seed: int, process: ForwardProcess
+    method: Method,
+    lam: float,
+    cfg: TrainConfig,
+    total_iters: int,
+    seed: int,
+    process: ForwardProcess,
+    *,
+    class_conditional: bool = False,
 ) -> Discretization:
     """The discretization of ``method``; ADCM's λ spans diffusion (λ → ∞) to continuous time (λ = 0).
 
     ECT's stages and ADCM's rebuild period are fractions of the run (``total_iters``), iCT's curriculum
-    is defined on it: doubling the duration keeps every schedule proportional.
+    is defined on it: doubling the duration keeps every schedule proportional. ADCM's
+    ``train.adcm.lambda_schedule`` (when set, in place of the constant ``lam``) switches λ at fractions of
+    the run too, rebuilding the partition at each switch (:class:`~adcm.method.adcm.LambdaSchedule`).
+
+    ``class_conditional``: the batched ADCM builder evaluates Eq. 10 in JVP calls of exactly
+    ``partition_batch_size`` rows — the drawn samples, in order, at one time — because the frozen f⁻ it
+    is given applies the labels drawn with those samples (``Trainer.rebuild`` in :mod:`adcm.train.loop`)
+    to every call; rows mixing samples or times would get other samples' labels.
     """
     if method == "adcm":
         a = cfg.adcm
+        chunk = {"chunk_size": a.partition_batch_size} if class_conditional else {}
+        schedule = (
+            None
+            if a.lambda_schedule is None
+            else LambdaSchedule.from_fractions([(s.start, s.lam) for s in a.lambda_schedule], total_iters)
+        )
         return ADCMDiscretization(
             process,
-            lam,
+            lam if schedule is None else schedule,
             fraction_of_run(a.rebuild_fraction, total_iters),
             a.partition_batch_size,
             max_points=a.max_points,
@@ -218,6 +239,7 @@ def make_discretization(
             seed=seed,
             builder=a.partition,
             num_times=a.partition_times,
+            **chunk,
         )
     if method == "ect":
         e = cfg.ect
@@ -231,9 +253,18 @@ def make_discretization(
 
 
 def make_objective(
-    method: Method, lam: float, cfg: TrainConfig, total_iters: int, seed: int, process: ForwardProcess, data_dim: int
+    method: Method,
+    lam: float,
+    cfg: TrainConfig,
+    total_iters: int,
+    seed: int,
+    process: ForwardProcess,
+    data_dim: int,
+    *,
+    class_conditional: bool = False,
 ) -> Objective:
-    """What one consistency-training step optimises: a discretization (ADCM, ECT, iCT) or sCT's loss."""
+    """What one consistency-training step optimises: a discretization (ADCM, ECT, iCT) or sCT's loss
+    (``class_conditional``: see :func:`make_discretization`)."""
     if method == "sct":
         if not isinstance(process, TrigFlowProcess):
             raise ValueError("sCT trains in TrigFlow (see student_process)")
@@ -246,7 +277,7 @@ def make_objective(
             warmup_iters=round(s.warmup_fraction * total_iters),
             weight_channels=s.weight_channels if s.adaptive_weight else None,
         )
-    disc = make_discretization(method, lam, cfg, total_iters, seed, process)
+    disc = make_discretization(method, lam, cfg, total_iters, seed, process, class_conditional=class_conditional)
     return DiscreteConsistencyObjective(disc, process, huber_c_for(method, cfg, data_dim))
 
 
@@ -269,17 +300,16 @@ def check_teacher_fits(teacher: TeacherFile, process: ForwardProcess, data: Imag
             f"{where}: a {teacher.process} teacher cannot train a {process.name} model; "
             "re-run `adcm teacher` with this process"
         )
-    kwargs = teacher.network_kwargs
     _, channels, height, width = data.images.shape
-    want = (kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
+    want = teacher.image_shape
     if (channels, height, width) != want:
         raise CheckpointError(
             f"{where}: the teacher makes {want[0]}×{want[1]}×{want[2]} images, the prepared data "
             f"are {channels}×{height}×{width}; prepare the data at the teacher's size"
         )
-    if kwargs["label_dim"] and kwargs["label_dim"] != data.num_classes:
+    if teacher.label_dim and teacher.label_dim != data.num_classes:
         raise CheckpointError(
-            f"{where}: the teacher is conditioned on {kwargs['label_dim']} classes, the prepared "
+            f"{where}: the teacher is conditioned on {teacher.label_dim} classes, the prepared "
             f"data have {data.num_classes}"
         )
 
@@ -299,7 +329,11 @@ def student_spec(
 
     The student is the teacher's ε-shifted consistency function in :func:`student_process` (a TrigFlow
     conversion for sCT; boundary t = 0), with dropout ``train.dropout``; EDM's augmentation input
-    (fed zeros) is frozen. The fingerprint covers method, λ (ADCM), the train params except device,
+    (fed zeros) and EDM2's uncertainty head (``model.logvar_linear``: consistency training never
+    evaluates it) are frozen. A class-conditional model gets its labels everywhere: training batches,
+    targets, and ADCM's partition statistics (:func:`make_discretization`).
+
+    The fingerprint covers method, λ (ADCM), the train params except device,
     periods and the non-finite policy, seed, teacher and data hashes, the number of processes and the
     process range.
     """
@@ -307,11 +341,20 @@ def student_spec(
     process = student_process(params.method, params.process, params.processes, teacher.sigma_data)
     check_teacher_fits(teacher, process, data, where=where)
     relevant = dataclasses.asdict(cfg)
-    for key in ("device", "grid_every_kimg", "checkpoint_every_kimg", "log_every_kimg", "max_nonfinite_in_row"):
+    for key in (
+        "device",
+        "grid_every_kimg",
+        "checkpoint_every_kimg",
+        "log_every_kimg",
+        "max_nonfinite_in_row",
+        "activation_checkpointing",  # recomputation gives the same gradients
+    ):
         relevant.pop(key)
     for other in ("adcm", "ect", "ict", "sct"):  # only the chosen method's group matters
         if other != params.method:
             relevant.pop(other)
+    if params.method == "adcm" and relevant["adcm"]["lambda_schedule"] is None:
+        del relevant["adcm"]["lambda_schedule"]  # constant λ: the fingerprint it had before the key existed
     fp = fingerprint(
         {
             "method": params.method,
@@ -345,10 +388,22 @@ def student_spec(
         fast=FastPath.for_device(
             FastPath(cfg.bf16, cfg.channels_last, cfg.tf32, cfg.fused_optimizer, cfg.compile), device
         ),
+        activation_checkpointing=cfg.activation_checkpointing,
     )
     data_dim = int(math.prod(data.images.shape[1:]))
-    objective = make_objective(params.method, params.lam, cfg, settings.total_steps, params.seed, process, data_dim)
-    frozen = tuple(name for name, _ in net.named_parameters() if name.startswith("model.map_augment"))
+    objective = make_objective(
+        params.method,
+        params.lam,
+        cfg,
+        settings.total_steps,
+        params.seed,
+        process,
+        data_dim,
+        class_conditional=teacher.label_dim > 0,
+    )
+    frozen = tuple(
+        name for name, _ in net.named_parameters() if name.startswith(("model.map_augment", "model.logvar_linear"))
+    )
     return RunSpec(net, objective, settings, params.seed, fp, frozen)
 
 
@@ -368,6 +423,7 @@ def student_file(params: Params, teacher: TeacherFile, spec: RunSpec, run: RunRe
         t_max=process.t_max,
         partitions=run.partitions,
         meta={"kimg": run.kimg, "steps": run.steps, "seed": params.seed, "teacher_sha256": teacher_id},
+        network=teacher.network,
     )
 
 
@@ -411,6 +467,7 @@ def run_teacher(
         "skipped_steps": run.skipped_steps,
         "resumed_from_kimg": run.resumed_from_kimg,
         "dataset": data.name,
+        "peak_memory_mib": None if run.peak_memory_mib is None else round(run.peak_memory_mib, 1),
     }
     return teacher_file(params, spec, run, data, data_id), summary
 
@@ -452,11 +509,11 @@ def run_student(
     preview = None
     if preview_dir is not None:
         sampler = ConsistencySampler(process)
-        shape = (teacher.network_kwargs["in_channels"], *(2 * [teacher.network_kwargs["img_resolution"]]))
-        probs = uniform_label_probs(teacher.network_kwargs["label_dim"])
 
         def render(ema: nn.Module) -> np.ndarray:
-            return generate(ema, sampler, list(range(64)), shape=shape, batch_size=64, device=device, label_probs=probs)
+            return sample_grid(
+                ema, sampler, 8, shape=teacher.image_shape, num_classes=teacher.label_dim, batch_size=64, device=device
+            )
 
         preview = Preview(render, params.train.grid_every_kimg, preview_dir, "grid_1step.png")
     run = train(
@@ -492,6 +549,8 @@ def run_student(
         "min_dt": min(dts) if dts else None,
         "max_dt": max(dts) if dts else None,
         "processes": info.world_size,
+        "batch_per_step": run.batch_per_step,
+        "peak_memory_mib": None if run.peak_memory_mib is None else round(run.peak_memory_mib, 1),
     }
     return student, summary
 
