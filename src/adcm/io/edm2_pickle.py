@@ -57,6 +57,7 @@ from adcm.io.edm_pickle import (
     _ModuleRecord,
     _PersistentObject,
     _plain,
+    check_weights_fit,
     read_snapshot,
     snapshot_network,
 )
@@ -263,22 +264,7 @@ def validate_edm2_network(
     except (ValueError, TypeError, RuntimeError, OverflowError, ZeroDivisionError) as exc:
         raise PickleFormatError(f"EDM2's network rejects the settings: {short_repr(str(exc), 200)}") from None
     expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
-    missing = [name for name in expected if name not in weights]
-    unexpected = [name for name in weights if name not in expected]
-    wrong = [name for name in expected if name in weights and tuple(weights[name].shape) != expected[name]]
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing (e.g. {short_repr(missing[0], 120)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected (e.g. {short_repr(unexpected[0], 120)})")
-        if wrong:
-            name = wrong[0]
-            problems.append(
-                f"{len(wrong)} of the wrong shape (e.g. {short_repr(name, 120)}: "
-                f"{tuple(weights[name].shape)}, the settings need {expected[name]})"
-            )
-        raise PickleFormatError(f"the weights do not fit the network the settings declare: {'; '.join(problems)}")
+    check_weights_fit(expected, weights)
     return network
 
 

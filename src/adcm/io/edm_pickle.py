@@ -106,6 +106,7 @@ __all__ = [
     "EDMNetwork",
     "PickleFormatError",
     "UnsafePickleError",
+    "check_weights_fit",
     "edm_network",
     "load_edm_pickle",
     "read_snapshot",
@@ -1018,6 +1019,31 @@ def _check_weights(state_dict: Any) -> dict[str, torch.Tensor]:
     return dict(state_dict)
 
 
+def check_weights_fit(expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor]) -> None:
+    """Refuse ``weights`` unless their names and shapes are exactly ``expected`` (name → shape).
+
+    Raises:
+        PickleFormatError: one line counting the missing, unexpected and wrongly shaped tensors, with an
+            example of each.
+    """
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    wrong = [name for name in expected if name in weights and tuple(weights[name].shape) != expected[name]]
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (e.g. {short_repr(missing[0], 120)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected (e.g. {short_repr(unexpected[0], 120)})")
+        if wrong:
+            name = wrong[0]
+            problems.append(
+                f"{len(wrong)} of the wrong shape (e.g. {short_repr(name, 120)}: "
+                f"{tuple(weights[name].shape)}, the settings need {expected[name]})"
+            )
+        raise PickleFormatError(f"the weights do not fit the network the settings declare: {'; '.join(problems)}")
+
+
 def validate_network(
     network_kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], sigma_data: float
 ) -> None:
@@ -1058,22 +1084,7 @@ def validate_network(
     except (ValueError, TypeError, RuntimeError, OverflowError, ZeroDivisionError) as exc:
         raise PickleFormatError(f"SongUNet rejects the settings: {short_repr(str(exc), 200)}") from None
     expected = {f"model.{name}": tuple(t.shape) for name, t in network.state_dict().items()}
-    missing = [name for name in expected if name not in weights]
-    unexpected = [name for name in weights if name not in expected]
-    wrong = [name for name in expected if name in weights and tuple(weights[name].shape) != expected[name]]
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing (e.g. {short_repr(missing[0], 120)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected (e.g. {short_repr(unexpected[0], 120)})")
-        if wrong:
-            name = wrong[0]
-            problems.append(
-                f"{len(wrong)} of the wrong shape (e.g. {short_repr(name, 120)}: "
-                f"{tuple(weights[name].shape)}, the settings need {expected[name]})"
-            )
-        raise PickleFormatError(f"the weights do not fit the network the settings declare: {'; '.join(problems)}")
+    check_weights_fit(expected, weights)
 
 
 # --------------------------------------------------------------------------------------------
