@@ -509,7 +509,9 @@ class StudyConfig:
     full: StudyScale = param("the study as reported")
     quick: StudyScale = param("a CI-sized variant of the same code path (`--quick`)")
     arms: tuple[StudyArm, ...] = param("the compared arms, each trained for every seed")
-    differences: tuple[StudyDifference, ...] = param("the paired differences of the report (arm − baseline)")
+    differences: tuple[StudyDifference, ...] | None = param(
+        "the paired differences of the report (arm − baseline); null = none (e.g. a study of one arm)"
+    )
 
 
 def load_study(path: Path) -> StudyConfig:
@@ -526,7 +528,7 @@ def load_study(path: Path) -> StudyConfig:
     dupes = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if dupes:
         raise ParamsError(f"{path}: arms: duplicate names {dupes}")
-    for i, diff in enumerate(study.differences):
+    for i, diff in enumerate(study.differences or ()):
         unknown = sorted({diff.arm, diff.baseline} - set(names))
         if unknown or diff.arm == diff.baseline:
             raise ParamsError(

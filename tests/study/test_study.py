@@ -56,6 +56,19 @@ def test_repository_study_params_are_the_v2_design() -> None:
     assert [p.seed for p in points] == sorted(p.seed for p in points)  # seed by seed: paired comparisons first
 
 
+def test_length_study_is_the_default_arm_at_four_times_its_budget() -> None:
+    """study/length.yaml: the embedded default's arm alone (no paired differences) at 4× its budget."""
+    study = load_study(ROOT / "study" / "length.yaml")
+    defaults = load_params(ROOT / "params.yaml")
+    assert study.differences is None and [a.name for a in study.arms] == ["adcm-0.01"]
+    arm = study.arms[0]
+    assert (arm.method, arm.lam, arm.process, arm.overrides) == (defaults.method, defaults.lam, defaults.process, None)
+    assert study.full.budget_kimg == 4 * defaults.train.duration_kimg
+    load = functools.partial(load_params, ROOT / "params.yaml")
+    points = [p for p in plan_pieces(load, study, quick=False) if p.kind == "point"]
+    assert [p.step for p in points] == [200, 400, 800, 1200, 1600]
+
+
 def test_bad_study_params_name_the_key(tmp_path: Path) -> None:
     path = tmp_path / "study.yaml"
     cases = [

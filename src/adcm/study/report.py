@@ -277,7 +277,7 @@ def summarise(
             "plateau": plateau,
             "fig4": fig4,
         }
-    for diff in study.differences:
+    for diff in study.differences or ():
         if diff.arm not in final_values or diff.baseline not in final_values:
             continue
         a, b = final_values[diff.arm], final_values[diff.baseline]
