@@ -15,33 +15,30 @@ import torch
 from conftest import ROOT, tiny_params, write_params
 from typer.testing import CliRunner
 
-from adcm.config import TeacherConfig, load_params
+from adcm.config import NetworkConfig, TeacherConfig, load_params
 from adcm.errors import CheckpointError, DownloadError, ParamsError
 from adcm.io.edm_export import save_edm_snapshot
 from adcm.io.model_files import TeacherFile, load_teacher
 from adcm.io.teacher_import import import_teacher, read_sha256_record
 from adcm.nets.precond import denoiser
 from adcm.stages.cli import app
+from adcm.train.runs import network_kwargs_for
 
-KWARGS = {
-    "img_resolution": 8,
-    "in_channels": 1,
-    "out_channels": 1,
-    "label_dim": 0,
-    "augment_dim": 0,
-    "model_channels": 8,
-    "channel_mult": [1, 2],
-    "channel_mult_emb": 2,
-    "num_blocks": 1,
-    "attn_resolutions": [4],
-    "dropout": 0.0,
-    "label_dropout": 0.0,
-    "embedding_type": "positional",
-    "channel_mult_noise": 1,
-    "encoder_type": "standard",
-    "decoder_type": "standard",
-    "resample_filter": [1, 1],
-}
+KWARGS = network_kwargs_for(
+    NetworkConfig(
+        model_channels=8,
+        channel_mult=(1, 2),
+        channel_mult_emb=2,
+        num_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.0,
+        class_conditional=False,
+        adaptive_double_norm=False,
+    ),
+    8,
+    1,
+    0,
+)
 
 
 def snapshot(path: Path, seed: int) -> Path:

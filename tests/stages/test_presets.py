@@ -32,12 +32,13 @@ from conftest import ROOT, set_key, write_params
 from PIL import Image
 from typer.testing import CliRunner
 
-from adcm.config import _Loader, load_params
+from adcm.config import NetworkConfig, _Loader, load_params
 from adcm.eval.fid import fid_helper_weights_path
 from adcm.io.edm_export import save_edm_snapshot
 from adcm.io.model_files import TeacherFile, load_student, load_teacher
 from adcm.nets.precond import denoiser
 from adcm.stages.cli import app
+from adcm.train.runs import network_kwargs_for
 
 PRESETS = ROOT / "presets"
 NAMES = ["cifar10-edm-ddpmpp", "imagenet64-edm2-s", "imagenet64-edm2-m"]
@@ -147,25 +148,18 @@ def image_tree(root: Path, classes: int = 3, per_class: int = 4) -> Path:
 
 def ddpmpp_snapshot(path: Path) -> Path:
     """A tiny unconditional 3×32×32 DDPM++ teacher, written as an EDM snapshot like edm-cifar10-32x32-uncond-vp.pkl."""
-    kwargs = {
-        "img_resolution": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "label_dim": 0,
-        "augment_dim": 9,  # EDM's CIFAR-10 model has the augmentation input (fed zeros here)
-        "model_channels": 8,
-        "channel_mult": [1, 2],
-        "channel_mult_emb": 2,
-        "num_blocks": 1,
-        "attn_resolutions": [16],
-        "dropout": 0.13,
-        "label_dropout": 0.0,
-        "embedding_type": "positional",
-        "channel_mult_noise": 1,
-        "encoder_type": "standard",
-        "decoder_type": "standard",
-        "resample_filter": [1, 1],
-    }
+    network = NetworkConfig(
+        model_channels=8,
+        channel_mult=(1, 2),
+        channel_mult_emb=2,
+        num_blocks=1,
+        attn_resolutions=(16,),
+        dropout=0.13,
+        class_conditional=False,
+        adaptive_double_norm=False,
+    )
+    # EDM's CIFAR-10 model has the augmentation input (fed zeros here)
+    kwargs = network_kwargs_for(network, 32, 3, 0) | {"augment_dim": 9}
     torch.manual_seed(0)
     net = denoiser(kwargs, 0.5, "ve")
     save_edm_snapshot(TeacherFile(kwargs, 0.5, net.state_dict(), {"source": "test"}), path)
