@@ -30,7 +30,7 @@ from adcm.io.datasets import (
     read_image_folder,
     write_prepared,
 )
-from adcm.io.files import atomic_path, atomic_write_bytes, sha256_file
+from adcm.io.files import atomic_path, atomic_write_bytes, save_torch, sha256_file
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -629,6 +629,19 @@ def test_atomic_write_bytes(tmp_path: Path) -> None:
     atomic_write_bytes(target, b"two")
     assert target.read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_save_torch_is_byte_identical_for_identical_content(tmp_path: Path) -> None:
+    """Teacher files and checkpoints are identified by SHA-256 (study records, DVC): the same content written twice,
+    under two names, is the same bytes (``torch.save`` to a path would embed the random temporary name)."""
+    import torch
+
+    obj = {"format": "x", "w": torch.arange(6.0).reshape(2, 3), "meta": {"n": 1}}
+    save_torch(tmp_path / "a.pt", obj)
+    save_torch(tmp_path / "sub" / "b.pt", obj)
+    assert sha256_file(tmp_path / "a.pt") == sha256_file(tmp_path / "sub" / "b.pt")
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], obj["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "sub"]  # no temporary file left
 
 
 def _umask() -> int:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from adcm.config import NetworkConfig, TeacherConfig, load_params
 from adcm.errors import CheckpointError, DownloadError, ParamsError
 from adcm.io.edm_export import save_edm_snapshot
-from adcm.io.model_files import TeacherFile, load_teacher
+from adcm.io.model_files import TeacherFile, load_teacher, save_teacher
 from adcm.io.teacher_import import import_teacher, read_sha256_record
 from adcm.nets.precond import denoiser
 from adcm.stages.cli import app
@@ -122,6 +122,16 @@ def test_a_pinned_sha256_takes_precedence_and_writes_no_record(tmp_path: Path) -
     assert not Path(str(cfg.sha256_record)).exists()
     with pytest.raises(DownloadError, match="does not match"):
         import_teacher(url_config(tmp_path / "other", served, sha256="0" * 64), show_progress=False)
+
+
+def test_an_imported_teacher_file_is_the_same_bytes_every_time(tmp_path: Path) -> None:
+    """The study identifies its teacher by the file's SHA-256: two imports of the same snapshot, written under two
+    names, must be the same bytes (no temporary name, time or path inside)."""
+    served = snapshot(tmp_path / "server" / "tiny.pkl", seed=0)
+    cfg = url_config(tmp_path, served, sha256=sha256(served))
+    save_teacher(tmp_path / "a" / "teacher.pt", import_teacher(cfg, show_progress=False))
+    save_teacher(tmp_path / "b" / "other.pt", import_teacher(cfg, show_progress=False))
+    assert sha256(tmp_path / "a" / "teacher.pt") == sha256(tmp_path / "b" / "other.pt")
 
 
 @pytest.mark.parametrize(

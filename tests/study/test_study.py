@@ -302,6 +302,30 @@ def test_a_failed_run_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
     assert "1 runs FAILED" in text and "adcm-broken seed 0: before step 2" in text
 
 
+@pytest.mark.usefixtures("single_thread_torch")
+def test_a_lost_checkpoint_is_replayed_and_checked(tmp_path: Path) -> None:
+    """A new checkout has the records (git) but not the checkpoints: the run is replayed to its last recorded point,
+    the replayed loss equals the recorded one, and the run goes on exactly as the uninterrupted one."""
+    records = {}
+    for name, lose in (("kept", False), ("lost", True)):
+        load, paths, scorer = _tiny_setup(tmp_path / name)
+        study_cfg = load_study(STUDY)
+        fixed = functools.partial(lambda s, _: s, scorer)
+        study = Study(load, study_cfg, True, paths, fixed, log=lambda _: None)
+        points = [p for p in study.pieces() if p.kind == "point" and p.arm == "ect" and p.seed == 0]
+        study.run([*study.shared_pieces(), points[0]])
+        if lose:
+            paths.checkpoint("ect", 0).unlink()
+        Study(load, study_cfg, True, paths, fixed, log=lambda _: None).run_piece(points[1])
+        records[name] = json.loads(paths.record("ect", 0).read_text())
+    replay = records["lost"]["pieces"][-1]["replay"]
+    assert replay["from_step"] == 0 and replay["to_step"] == 2 and replay["identical"] is True
+    assert replay["replayed_loss"] == records["lost"]["evals"][0]["final_loss"]
+    assert "replay" not in records["kept"]["pieces"][-1]
+    kept, lost = ([_without_times(e) for e in records[k]["evals"]] for k in ("kept", "lost"))
+    assert lost == kept
+
+
 @pytest.fixture
 def single_thread_torch():
     threads = torch.get_num_threads()

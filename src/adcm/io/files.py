@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file", "write_json"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "save_torch", "sha256_file", "write_json"]
 
 
 def _current_umask() -> int:
@@ -96,3 +96,16 @@ def sha256_file(path: Path | str, chunk_size: int = 1 << 20) -> str:
 def write_json(path: Path | str, data: dict[str, Any]) -> None:
     """Write ``data`` as pretty, key-sorted JSON atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_torch(path: Path | str, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, byte-identical for identical ``obj``.
+
+    ``torch.save`` to a *path* names the zip archive's inner folder after the file, so saving through
+    :func:`atomic_path`'s random temporary name would make every write of the same content differ (and its
+    SHA-256 with it). Written through an open file, the folder is always ``archive``.
+    """
+    import torch  # local: the rest of this module is used by stages that never load torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from adcm.config import Method
 from adcm.errors import CheckpointError
-from adcm.io.files import atomic_path
+from adcm.io.files import save_torch
 from adcm.io.safe_unpickle import RefusedError, scan_pickle, short_repr
 from adcm.nets.precond import NetworkKind, Precond, image_shape, make_precond, network_label_dim
 from adcm.processes import ForwardProcess, ProcessName, make_process
@@ -182,8 +182,7 @@ def save_teacher(path: Path, teacher: TeacherFile) -> None:
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict.items()},
         "meta": teacher.meta,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
 
 
 def load_teacher(path: Path) -> TeacherFile:
@@ -279,8 +278,7 @@ def save_student(path: Path, student: StudentFile) -> None:
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in student.state_dict.items()},
         "meta": student.meta,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
 
 
 def load_student(path: Path) -> StudentFile:

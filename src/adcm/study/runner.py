@@ -6,7 +6,9 @@ the EMA weights are evaluated there — 1-step and 2-step (every t_mid of the sw
 set of sample seeds, and the noise pass-through κ at every t_mid on held-out images
 (:mod:`adcm.eval.passthrough`). After each piece the run's JSON record (``runs/<arm>/<seed>/record.json``)
 is rewritten: its params, the code version, every evaluation, wall and training times. A killed session
-loses at most the piece in progress; :meth:`Study.run` continues where the records end, and with
+loses at most the piece in progress; :meth:`Study.run` continues where the records end (a run whose checkpoint is
+missing — checkpoints are not in git — is first replayed from its seed to its last recorded point, and the loss of
+that step is checked against the record's: training is deterministic), and with
 ``max_minutes`` it stops cleanly after the piece that crosses the time limit.
 
 The shared records (``runs/floor.json``, ``runs/teacher.json``) hold what every arm is read against: the data
@@ -20,7 +22,9 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import itertools
 import json
+import platform
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -108,8 +112,9 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, Any]:
-    """The version of the library that runs: package version, SHA-256 of its source files, and the git commit
-    of its checkout with a dirty flag (None outside a git checkout)."""
+    """The version of the library that runs: package version, SHA-256 of its source files, the git commit
+    of its checkout with a dirty flag (None outside a git checkout), and the torch build and CPU model (a replay of a
+    run is bit-exact only on the same ones)."""
     root = Path(adcm.__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
@@ -122,7 +127,26 @@ def code_version() -> dict[str, Any]:
         dirty = bool(run(["git", "-C", str(root), "status", "--porcelain", "--", "."]).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"adcm": adcm.__version__, "source_sha256": digest.hexdigest(), "git_commit": commit, "git_dirty": dirty}
+    return {
+        "adcm": adcm.__version__,
+        "source_sha256": digest.hexdigest(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in itertools.islice(f, 200):
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,8 +646,41 @@ class Study:
             )
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         started, wall_started = time.perf_counter(), _now()
-        batches = BatchSource(data.images, data.labels, teacher.label_dim, params.train.xflip, device)
+        replay: dict[str, Any] | None = None
+        last_done = max(done, default=0)
         try:
+            if state_step < last_done:
+                # Checkpoints are not in git: a new checkout has the record but not the training state. Training is
+                # deterministic from the seed, so the run is replayed to its last recorded point, and the loss of
+                # that step is compared with the recorded one (identical on the same CPU and torch build).
+                self.log(
+                    f"{arm.name} seed {piece.seed}: no checkpoint at step {last_done}; replaying from {state_step}"
+                )
+                replayed = train(
+                    spec,
+                    BatchSource(data.images, data.labels, teacher.label_dim, params.train.xflip, device),
+                    checkpoint_path=checkpoint,
+                    device=device,
+                    show_progress=False,
+                    stop_after_steps=last_done - state_step,
+                )
+                recorded = next(e for e in record["evals"] if e["step"] == last_done)["final_loss"]
+                replay = {
+                    "from_step": state_step,
+                    "to_step": last_done,
+                    "recorded_loss": recorded,
+                    "replayed_loss": replayed.final_loss,
+                    "identical": recorded == replayed.final_loss,
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+                if not replay["identical"]:
+                    self.log(
+                        f"{arm.name} seed {piece.seed}: the replay's loss at step {last_done} is "
+                        f"{replayed.final_loss!r}, "
+                        f"the record's {recorded!r} (another CPU or torch build): the run continues from the replay"
+                    )
+                state_step = last_done
+            batches = BatchSource(data.images, data.labels, teacher.label_dim, params.train.xflip, device)
             run = train(
                 spec,
                 batches,
@@ -679,6 +736,7 @@ class Study:
                 "started_at": wall_started,
                 "wall_seconds": round(time.perf_counter() - started, 1),
                 "code": code_version(),
+                **({} if replay is None else {"replay": replay}),
             }
         )
         record["wall_seconds"] = round(sum(p.get("wall_seconds", 0.0) for p in record["pieces"]), 1)

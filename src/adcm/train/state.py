@@ -17,7 +17,7 @@ import torch
 
 from adcm.config import OnConfigChange
 from adcm.errors import CheckpointError
-from adcm.io.files import atomic_path
+from adcm.io.files import save_torch
 
 __all__ = ["OnConfigChange", "fingerprint", "load_state", "resume_state", "save_state"]
 
@@ -44,8 +44,7 @@ def fingerprint(obj: Any) -> str:
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write a training state dict to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
 
 
 def load_state(path: Path) -> dict[str, Any]:
