@@ -506,6 +506,7 @@ class StudyScale:
 class StudyConfig:
     """`adcm study`: the equal-budget comparison (issue 20; docs/study.md)."""
 
+    title: str = param("the report's title (reports/<study>/summary.md)")
     full: StudyScale = param("the study as reported")
     quick: StudyScale = param("a CI-sized variant of the same code path (`--quick`)")
     arms: tuple[StudyArm, ...] = param("the compared arms, each trained for every seed")

@@ -78,6 +78,7 @@ def test_bad_study_params_name_the_key(tmp_path: Path) -> None:
         (("full", "t_mids"), [0.42, 0.42], r"full.t_mids: expected distinct values"),
         (("differences",), [{"arm": "ect", "baseline": "ect"}], r"differences\[0\]"),
         (("full", "plateau_window"), 1.0, r"full.plateau_window"),
+        (("title",), 3, r"title"),
     ]
     for keys, value, message in cases:
         data = yaml.safe_load(STUDY.read_text())
@@ -261,6 +262,7 @@ def test_tiny_study_plan_run_resume_report(tmp_path: Path) -> None:
     start, ends = summary["teacher"]["start_curve"], {a: summary["arms"][a]["curve"][-1] for a in ("adcm-c2f", "ect")}
     assert len({start["kappa@0.42"], *(e["metrics"]["kappa@0.42"]["mean"] for e in ends.values())}) == 3
     assert "1 step at the budget" in text and "adcm-c2f − ect" in text and "INCOMPLETE" not in text
+    assert text.startswith(f"# {study_cfg.title} (quick variant)\n")
     for png in (
         "curves_1step.png",
         "curves_2step.png",

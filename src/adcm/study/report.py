@@ -736,5 +736,5 @@ def report_study(load: ParamsLoader, study: StudyConfig, quick: bool, runs_dir: 
         return arm_params(load, study, arms[arm], seed, quick).train
 
     summary = summarise(records, study, quick, train_config)
-    title = "Equal-budget study v2" + (" (quick variant)" if quick else "")
+    title = study.title + (" (quick variant)" if quick else "")
     return write_report(out_dir, summary, records, title)
