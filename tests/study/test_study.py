@@ -258,6 +258,21 @@ def test_tiny_study_plan_run_resume_report(tmp_path: Path) -> None:
     teacher = json.loads((paths.teacher_record).read_text())
     assert summary["teacher"]["start_curve"]["kappa@0.42"] == teacher["consistency"]["kappa"]["0.42"]["kappa"]
     assert summary["arms"]["adcm-c2f"]["fig4"]["rows"]  # ratios to ECT/iCT at the Fig. 4 times
+    # the plateau check: the seed-mean curve of complete runs, and the spread of the per-seed shares
+    plateau = summary["arms"]["ect"]["plateau"]
+    assert plateau["seeds"] == [0, 1] and plateau["share_over_seeds"]["n"] == 2
+    assert plateau["share_over_seeds"]["values"] == pytest.approx(list(plateau["per_seed"].values()))
+    start_kid = json.loads(paths.teacher_record.read_text())["consistency"]["curve"]["1step"]["kid"]
+    mean_kid = [np.mean([records[("ect", s)]["evals"][i]["curve"]["1step"]["kid"] for s in (0, 1)]) for i in (0, 1)]
+    assert plateau["share"] == pytest.approx(plateau_share(start_kid, [(0.5, mean_kid[0]), (1.0, mean_kid[1])], 0.5))
+    # a run still on its way (seed 1 without its last point) and a seed outside the plan enter no plateau mean
+    partial = json.loads(json.dumps(records[("ect", 1)]))
+    partial["evals"].pop()
+    stray = {**json.loads(json.dumps(records[("ect", 0)])), "seed": 7}
+    others = [r for k, r in records.items() if k != ("ect", 1)]
+    cut = summarise(dataclasses.replace(load_records(paths.runs_dir), runs=[*others, partial, stray]), study_cfg, True)
+    assert cut["arms"]["ect"]["plateau"]["seeds"] == [0] and cut["arms"]["ect"]["seeds_final"] == [0]
+    assert cut["arms"]["ect"]["plateau"]["share"] == pytest.approx(plateau["per_seed"]["0"])
     # the arms trained: they moved away from the shared start, each its own way
     start, ends = summary["teacher"]["start_curve"], {a: summary["arms"][a]["curve"][-1] for a in ("adcm-c2f", "ect")}
     assert len({start["kappa@0.42"], *(e["metrics"]["kappa@0.42"]["mean"] for e in ends.values())}) == 3

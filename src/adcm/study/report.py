@@ -216,11 +216,15 @@ def summarise(
     expected = done = 0
     final_values: dict[str, dict[str, dict[int, float]]] = {}
     for arm in arms:
-        runs = sorted(by_arm[arm.name], key=lambda r: r["seed"])
         seeds = arm_seeds(study, arm, quick)
+        all_runs = sorted((r for r in by_arm[arm.name] if r["seed"] in seeds), key=lambda r: r["seed"])
         steps_per_run = len(scale.eval_fractions)
         expected += steps_per_run * len(seeds)
-        done += sum(len(r["evals"]) if r.get("failed") is None else steps_per_run for r in runs if r["seed"] in seeds)
+        done += sum(len(r["evals"]) if r.get("failed") is None else steps_per_run for r in all_runs)
+        # A failed run counts as done but enters no mean; the plateau check reads complete runs only, so that
+        # every point of its seed-mean curve comes from the same seeds.
+        runs = [r for r in all_runs if r.get("failed") is None]
+        complete = [r for r in runs if _final_entry(r) is not None]
         finals = {r["seed"]: e for r in runs if (e := _final_entry(r)) is not None}
         vals = {
             name: {s: m[name] for s, e in finals.items() if name in (m := entry_metrics(e, "final", t_mids))}
@@ -242,16 +246,28 @@ def summarise(
                 }
             )
         plateau: dict[str, Any] = {"window": scale.plateau_window, "tolerance": scale.plateau_tolerance}
-        if start is not None and curve and curve[-1]["fraction"] == 1.0:
-            mean_curve = [(c["fraction"], c["metrics"]["1step.kid"]["mean"]) for c in curve]
+        if start is not None and complete:
+            mean_curve = [
+                (
+                    float(np.mean([r["evals"][i]["fraction"] for r in complete])),
+                    float(np.mean([r["evals"][i]["curve"]["1step"]["kid"] for r in complete])),
+                )
+                for i in range(len(complete[0]["evals"]))
+            ]
             share = plateau_share(start["1step.kid"], mean_curve, scale.plateau_window)
-            per_seed = {}
-            for r in runs:
-                pts = [(e["fraction"], entry_metrics(e, "curve", t_mids)["1step.kid"]) for e in r["evals"]]
-                if pts and pts[-1][0] == 1.0:
-                    per_seed[str(r["seed"])] = plateau_share(start["1step.kid"], pts, scale.plateau_window)
+            per_seed = {
+                str(r["seed"]): plateau_share(
+                    start["1step.kid"],
+                    [(e["fraction"], e["curve"]["1step"]["kid"]) for e in r["evals"]],
+                    scale.plateau_window,
+                )
+                for r in complete
+            }
             plateau.update(
                 share=share,
+                # the spread of the per-seed shares: every source of noise (images, reference subsets, training)
+                share_over_seeds=t_interval([v for v in per_seed.values() if v is not None]),
+                seeds=[r["seed"] for r in complete],
                 per_seed=per_seed,
                 plateaued=share is not None and share < scale.plateau_tolerance,
             )
@@ -268,7 +284,7 @@ def summarise(
             "lambda_schedule": next((r.get("lambda_schedule") for r in runs), None),
             "seeds_planned": seeds,
             "seeds_final": sorted(finals),
-            "failed": {str(r["seed"]): r["failed"] for r in runs if r.get("failed") is not None},
+            "failed": {str(r["seed"]): r["failed"] for r in all_runs if r.get("failed") is not None},
             "final": {n: t_interval(list(vals[n].values())) for n in names},
             "train_seconds": t_interval([e["train_seconds"] for e in ends]),
             "rebuild_seconds": t_interval([e["rebuild_seconds"] for e in ends]),
@@ -392,6 +408,9 @@ def _markdown(summary: dict[str, Any], records: StudyRecords, title: str) -> str
             if "plateaued" not in p
             else ("no gain" if share is None else f"{share:.0%} ({'yes' if p['plateaued'] else 'NO'})")
         )
+        spread = p.get("share_over_seeds")
+        if spread and spread["lo"] is not None:
+            plateau += f"; seeds [{spread['lo']:.0%}, {spread['hi']:.0%}]"
         pts = a["partition_points"]
         lines.append(
             f"| {name} | {len(a['seeds_final'])}/{len(a['seeds_planned'])} | {_ci(a['final']['1step.kid'], 3)} | "
@@ -416,8 +435,10 @@ def _markdown(summary: dict[str, Any], records: StudyRecords, title: str) -> str
     lines += [
         "",
         f"Plateau check: the share of the 1-step KID's gain since the start (the teacher's consistency function) "
-        f"that came in the last {window:.0%} of the run (curve N, mean over seeds); 'yes' below the tolerance "
-        f"({next(iter(arms.values()))['plateau']['tolerance']:.0%})."
+        f"that came in the last {window:.0%} of the run (curve N; the seed-mean curve of the complete runs, with the "
+        "95 % t-interval of the per-seed shares where there are two or more); 'yes' below the tolerance "
+        f"({next(iter(arms.values()))['plateau']['tolerance']:.0%}). With one seed it is a point estimate from "
+        "curve-N KIDs, each of which moves by several units between neighbouring evaluation points."
         if arms
         else "",
     ]
@@ -469,14 +490,22 @@ def _markdown(summary: dict[str, Any], records: StudyRecords, title: str) -> str
 
     for t, c in summary["kappa_tracking"].items():
         lines.append(f"| {t} | {corr(c['points'])} | {corr(c['points_gain'])} | {corr(c['arms_at_budget'])} |")
-    lines += ["", "## 2 steps along the run: 2-step − 1-step KID ×10³ (mean over seeds; negative: 2 steps help)", ""]
-    lines.append("| arm | t_mid | " + " | ".join(["first point", "middle", "budget"]) + " |")
+    lines += [
+        "",
+        "## 2 steps along the run: 2-step − 1-step KID ×10³ (curve N, mean over seeds; negative: 2 steps help)",
+        "",
+        "At the first evaluation point, the one nearest the middle of the run, and the last one recorded (the budget's "
+        "values at the final N are in the tables above).",
+        "",
+    ]
+    lines.append("| arm | t_mid | " + " | ".join(["first point", "middle", "last point"]) + " |")
     lines.append("|---|---|---|---|---|")
     for name, a in arms.items():
         curve = a["curve"]
         if not curve:
             continue
-        picks = [curve[0], curve[len(curve) // 2], curve[-1]]
+        middle = min(curve, key=lambda c: abs(c["fraction"] - 0.5))
+        picks = [curve[0], middle, curve[-1]]
         for t in t_mids:
             cells = []
             for c in picks:
