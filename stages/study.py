@@ -2,21 +2,24 @@
 
 Sub-commands: `plan` (the pieces and which are done), `shared` (the data floor and the teacher's records),
 `run` (every evaluation point of one arm × seed), `all` (everything in order, in slices with `--max-minutes`),
-and `report` (recomputed from the records). The DVC pipeline `study/dvc.yaml` calls `shared`, `run` and
+`report` (recomputed from the records) and `compare` (two records of one run side by side: a re-run's check). The DVC pipeline `study/dvc.yaml` calls `shared`, `run` and
 `report` as stages.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from adcm.config import Params, load_params, load_study
+from adcm.errors import ParamsError
 from adcm.stages.common import PARAMS_OPTION, user_errors
 from adcm.study.plan import ParamsLoader
-from adcm.study.report import report_study
+from adcm.study.report import compare_records, report_study
 from adcm.study.runner import Scorer, Study, StudyPaths, StudyProgress, inception_scorer
 
 study_app = typer.Typer(
@@ -159,6 +162,41 @@ def report(
 ) -> None:
     """Recompute the report from the records: mean and 95 % t-interval over seeds at the budget, paired differences (arm − baseline), the plateau check, κ against the 2-step metric, the learned Δt(t) against ECT/iCT, and the figures."""
     typer.echo(report_study(_loader(params), load_study(study), quick, runs_dir, out_dir))
+
+
+@study_app.command("compare")
+@user_errors
+def compare(
+    record: Path = typer.Argument(..., help="A run's record (e.g. study/runs/ect/0/record.json)."),
+    other: Path = typer.Argument(..., help="Another record of the same run (e.g. a re-run with --runs-dir elsewhere)."),
+) -> None:
+    """Two records of one run side by side: the settings that differ (none for a re-run), and at every evaluation step both have, the step's loss and the 1-step KID/FID in each (the final N at the budget); says whether they are bit-identical."""
+    result = compare_records(*(_read_record(p) for p in (record, other)))
+    if result["settings_differ"]:
+        typer.echo(f"settings that differ: {', '.join(result['settings_differ'])}")
+    typer.echo("| step | loss | 1-step KID ×10³ | 1-step FID |")
+    typer.echo("|---|---|---|---|")
+    for row in result["steps"]:
+        m = row.get("final", row["metrics"])
+        cells = [
+            "{} / {}".format(*(f"{v:.7g}" if v is not None else "—" for v in row["loss"])),
+            "{:.2f} / {:.2f}".format(*m["1step.kid"]),
+            "{:.2f} / {:.2f}".format(*m["1step.fid"]),
+        ]
+        n = "final N" if "final" in row else "curve N"
+        typer.echo(f"| {row['step']} ({n}) | " + " | ".join(cells) + " |")
+    typer.echo("bit-identical" if result["identical"] else "not identical (see above)")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ParamsError(f"{path}: cannot read it as a study record ({exc})") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("evals"), list):
+        raise ParamsError(f"{path}: not a study record (no evals)")
+    return record
 
 
 def register(app: typer.Typer) -> None:

@@ -27,7 +27,15 @@ from adcm.io.model_files import TeacherFile, save_teacher
 from adcm.nets.precond import denoiser
 from adcm.stages.cli import app
 from adcm.study.plan import Piece, eval_steps, plan_pieces
-from adcm.study.report import load_records, paired_interval, plateau_share, report_study, summarise, t_interval
+from adcm.study.report import (
+    compare_records,
+    load_records,
+    paired_interval,
+    plateau_share,
+    report_study,
+    summarise,
+    t_interval,
+)
 from adcm.study.runner import Scorer, Study, StudyPaths, read_record
 from adcm.train.runs import network_kwargs_for
 
@@ -341,6 +349,21 @@ def test_a_lost_checkpoint_is_replayed_and_checked(tmp_path: Path) -> None:
     assert "replay" not in records["kept"]["pieces"][-1]
     kept, lost = ([_without_times(e) for e in records[k]["evals"]] for k in ("kept", "lost"))
     assert lost == kept
+    # `adcm study compare`: the two records of the run are bit-identical; a changed number is not
+    same = compare_records(records["kept"], records["lost"])
+    assert same["identical"] and not same["settings_differ"] and [r["step"] for r in same["steps"]] == [2, 4]
+    assert same["steps"][1]["final"]["1step.kid"][0] == same["steps"][1]["final"]["1step.kid"][1]
+    changed = json.loads(json.dumps(records["lost"]))
+    changed["evals"][0]["curve"]["1step"]["kid"] += 1e-9
+    changed["seed"] = 5
+    diff = compare_records(records["kept"], changed)
+    assert not diff["identical"] and diff["settings_differ"] == ["seed"]
+    record_files = [tmp_path / name / "runs" / "ect" / "0" / "record.json" for name in ("kept", "lost")]
+    result = CliRunner().invoke(app, ["study", "compare", *map(str, record_files)], catch_exceptions=False)
+    assert result.exit_code == 0 and result.output.rstrip().endswith("bit-identical")
+    assert "| 4 (final N) |" in result.output
+    result = CliRunner().invoke(app, ["study", "compare", str(record_files[0]), str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 2 and "cannot read it as a study record" in result.output
 
 
 @pytest.fixture

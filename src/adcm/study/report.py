@@ -31,6 +31,7 @@ from adcm.study.runner import RUN_FORMAT, read_record, set_name
 __all__ = [
     "FIG4_TIMES",
     "StudyRecords",
+    "compare_records",
     "load_records",
     "paired_interval",
     "report_study",
@@ -767,3 +768,50 @@ def report_study(load: ParamsLoader, study: StudyConfig, quick: bool, runs_dir: 
     summary = summarise(records, study, quick, train_config)
     title = study.title + (" (quick variant)" if quick else "")
     return write_report(out_dir, summary, records, title)
+
+
+_NOT_SETTINGS = frozenset(
+    {"evals", "pieces", "partitions", "wall_seconds", "params", "migrations", "schedule_process", "failed", "code"}
+)
+
+
+def compare_records(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two records of one run side by side — e.g. a study's record and a re-run of it from scratch elsewhere.
+
+    Returns ``settings_differ`` (identity keys whose values differ: a re-run of the same run has none), and for every
+    evaluation step both records have: the loss of that step in each and every metric (:func:`entry_metrics`, curve
+    N, and at the budget the final N under ``final``) as ``[a, b]``; ``identical``: the same settings, steps and values
+    (bit-exact, as on the same CPU model and torch build).
+    """
+    keys = sorted((set(a) | set(b)) - _NOT_SETTINGS)
+    differ = [k for k in keys if a.get(k) != b.get(k)]
+    t_mids = list(a.get("t_mids") or a.get("evaluation", {}).get("t_mids", ()))
+    by_step_b = {e["step"]: e for e in b["evals"]}
+    steps = []
+    for ea in a["evals"]:
+        eb = by_step_b.get(ea["step"])
+        if eb is None:
+            continue
+        row: dict[str, Any] = {
+            "step": ea["step"],
+            "loss": [ea.get("final_loss"), eb.get("final_loss")],
+            "metrics": {
+                n: [v, entry_metrics(eb, "curve", t_mids).get(n)] for n, v in entry_metrics(ea, "curve", t_mids).items()
+            },
+        }
+        if ea.get("final") and eb.get("final"):
+            fb = entry_metrics(eb, "final", t_mids)
+            row["final"] = {n: [v, fb.get(n)] for n, v in entry_metrics(ea, "final", t_mids).items()}
+        steps.append(row)
+    same_steps = [e["step"] for e in a["evals"]] == [e["step"] for e in b["evals"]]
+    identical = (
+        not differ
+        and same_steps
+        and all(
+            r["loss"][0] == r["loss"][1]
+            and all(x == y for x, y in r["metrics"].values())
+            and all(x == y for x, y in r.get("final", {}).values())
+            for r in steps
+        )
+    )
+    return {"settings_differ": differ, "steps": steps, "identical": identical}
