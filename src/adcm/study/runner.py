@@ -394,6 +394,7 @@ class Study:
         self._data: ImageDataset | None = None
         self._ids: dict[str, str] = {}
         self._kappa: dict[int | None, KappaSet] = {}
+        code_version()  # read now, with the sources this process imported (it is cached for every record it writes)
 
     # -- lazily loaded inputs ---------------------------------------------------------------
 
