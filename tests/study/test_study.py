@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +365,19 @@ def test_a_lost_checkpoint_is_replayed_and_checked(tmp_path: Path) -> None:
     assert "| 4 (final N) |" in result.output
     result = CliRunner().invoke(app, ["study", "compare", str(record_files[0]), str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 2 and "cannot read it as a study record" in result.output
+
+
+@pytest.mark.usefixtures("single_thread_torch")
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
+    load, paths, scorer = _tiny_setup(tmp_path)
+    study = Study(load, load_study(STUDY), True, paths, functools.partial(lambda s, _: s, scorer), log=lambda _: None)
+    points = {(p.arm, p.seed, p.step): p for p in study.pieces() if p.kind == "point"}
+    study.run([*study.shared_pieces(), points[("ect", 0, 2)]])
+    paths.checkpoint("adcm-c2f", 0).parent.mkdir(parents=True)
+    shutil.copy(paths.checkpoint("ect", 0), paths.checkpoint("adcm-c2f", 0))
+    with pytest.raises(CheckpointError, match=r"c2f/0.pt: a training state of other settings .* fingerprint differs"):
+        study.run_piece(points[("adcm-c2f", 0, 2)])
+    assert read_record(paths.record("adcm-c2f", 0)) is None  # nothing written
 
 
 @pytest.fixture

@@ -639,7 +639,16 @@ class Study:
         if missing:
             raise CheckpointError(f"{path}: evaluation points {missing} come before step {piece.step}; run them first")
         checkpoint = self.paths.checkpoint(arm.name, piece.seed)
-        state_step = int(load_state(checkpoint)["step"]) if checkpoint.is_file() else 0
+        state_step = 0
+        if checkpoint.is_file():
+            state = load_state(checkpoint)
+            if state.get("fingerprint") != spec.fingerprint:
+                raise CheckpointError(
+                    f"{checkpoint}: a training state of other settings than {path} (its fingerprint differs: e.g. "
+                    "the arm's overrides changed); delete it to start the run over"
+                )
+            state_step = int(state["step"])
+            del state
         if state_step > piece.step:
             raise CheckpointError(
                 f"{checkpoint}: at step {state_step}, past the evaluation point {piece.step} that {path} lacks; "
