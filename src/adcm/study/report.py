@@ -785,19 +785,18 @@ def compare_records(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """
     keys = sorted((set(a) | set(b)) - _NOT_SETTINGS)
     differ = [k for k in keys if a.get(k) != b.get(k)]
-    t_mids = list(a.get("t_mids") or a.get("evaluation", {}).get("t_mids", ()))
+    t_mids = list(a.get("evaluation", {}).get("t_mids", ()))
     by_step_b = {e["step"]: e for e in b["evals"]}
     steps = []
     for ea in a["evals"]:
         eb = by_step_b.get(ea["step"])
         if eb is None:
             continue
+        cb = entry_metrics(eb, "curve", t_mids)
         row: dict[str, Any] = {
             "step": ea["step"],
             "loss": [ea.get("final_loss"), eb.get("final_loss")],
-            "metrics": {
-                n: [v, entry_metrics(eb, "curve", t_mids).get(n)] for n, v in entry_metrics(ea, "curve", t_mids).items()
-            },
+            "metrics": {n: [v, cb.get(n)] for n, v in entry_metrics(ea, "curve", t_mids).items()},
         }
         if ea.get("final") and eb.get("final"):
             fb = entry_metrics(eb, "final", t_mids)
