@@ -27,7 +27,7 @@ from adcm.io.datasets import write_prepared
 from adcm.io.model_files import TeacherFile, save_teacher
 from adcm.nets.precond import denoiser
 from adcm.stages.cli import app
-from adcm.study.plan import Piece, eval_steps, plan_pieces
+from adcm.study.plan import Piece, arm_params, eval_steps, plan_pieces
 from adcm.study.report import (
     compare_records,
     load_records,
@@ -76,6 +76,24 @@ def test_length_study_is_the_default_arm_at_four_times_its_budget() -> None:
     load = functools.partial(load_params, ROOT / "params.yaml")
     points = [p for p in plan_pieces(load, study, quick=False) if p.kind == "point"]
     assert [p.step for p in points] == [200, 400, 800, 1200, 1600]
+
+
+def test_levers_study_is_the_default_arm_with_only_the_dropout_changed() -> None:
+    """study/levers.yaml: the embedded default at its own budget, and the same run with the student's dropout
+    changed — nothing else differs, so a paired difference isolates the lever."""
+    study = load_study(ROOT / "study" / "levers.yaml")
+    defaults = load_params(ROOT / "params.yaml")
+    assert study.full.budget_kimg == defaults.train.duration_kimg
+    load = functools.partial(load_params, ROOT / "params.yaml")
+    baseline = arm_params(load, study, study.arms[0], 0, quick=False)
+    assert baseline == dataclasses.replace(defaults, seed=0)
+    for arm in study.arms[1:]:
+        assert (arm.method, arm.lam, arm.process) == (defaults.method, defaults.lam, defaults.process)
+        params = arm_params(load, study, arm, 0, quick=False)
+        assert params.train.dropout != defaults.train.dropout
+        same = dataclasses.replace(params, train=dataclasses.replace(params.train, dropout=defaults.train.dropout))
+        assert same == baseline
+    assert {(d.arm, d.baseline) for d in study.differences or ()} == {(a.name, "dropout-0.1") for a in study.arms[1:]}
 
 
 def test_bad_study_params_name_the_key(tmp_path: Path) -> None:
