@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 
 from adcm.errors import ParamsError
+from adcm.nets.widths import bad_group_norm_width
 
 __all__ = [
     "ADCMConfig",
@@ -837,6 +838,14 @@ def _validate(params: Params, source: str) -> None:
         raise ParamsError(
             f"{source}: teacher.network.channel_mult: {levels} levels need prepare.resolution "
             f"divisible by {2 ** (levels - 1)}, got {res}"
+        )
+    net = t.network
+    width = bad_group_norm_width(net.model_channels, net.channel_mult, net.num_blocks)
+    if width is not None:
+        raise ParamsError(
+            f"{source}: teacher.network.model_channels: {net.model_channels} × channel_mult "
+            f"{list(net.channel_mult)} gives a {width}-channel group normalisation that min(32, {width} // 4) "
+            "groups cannot split (DDPM++'s rule); use a multiple of 32, e.g. 32 or 64"
         )
     if t.batch_per_step is not None and t.batch_size % t.batch_per_step:
         raise ParamsError(

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from adcm.nets.precond import VEPrecond, consistency_function, denoiser
-from adcm.nets.songunet import SongUNet
+from adcm.nets.songunet import GroupNorm, SongUNet
+from adcm.nets.widths import bad_group_norm_width, group_norm_widths
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -216,3 +217,34 @@ def test_class_labels_change_output_and_dropout_is_active_only_in_train() -> Non
         assert torch.equal(net(x, noise, a), net(x, noise, a))
         net.train()
         assert not torch.equal(net(x, noise, a), net(x, noise, a))
+
+
+@pytest.mark.parametrize(
+    ("model_channels", "channel_mult", "num_blocks", "attn"),
+    [(8, (1, 2, 2), 1, (4,)), (16, (1, 2, 3), 2, (8,)), (12, (1, 1), 1, ())],
+)
+def test_group_norm_widths_match_a_built_network(
+    model_channels: int, channel_mult: tuple[int, ...], num_blocks: int, attn: tuple[int, ...]
+) -> None:
+    kwargs, _, _ = tiny_reference()
+    kwargs.update(
+        img_resolution=16,
+        model_channels=model_channels,
+        channel_mult=channel_mult,
+        num_blocks=num_blocks,
+        attn_resolutions=attn,
+    )
+    net = SongUNet(**kwargs)
+    built = [m.weight.numel() for name, m in net.named_modules() if isinstance(m, GroupNorm) and "norm2" not in name]
+    assert group_norm_widths(model_channels, channel_mult, num_blocks) == built
+    assert bad_group_norm_width(model_channels, channel_mult, num_blocks) is None
+
+
+def test_a_width_edms_group_rule_cannot_split_is_refused_when_built() -> None:
+    # 48 × [1, 2, 2]: the decoder concatenates 96 + 48 = 144 channels, min(32, 36) = 32 groups do not divide it
+    assert bad_group_norm_width(48, (1, 2, 2), 1) == 144
+    assert bad_group_norm_width(64, (1, 2, 2), 1) is None
+    kwargs, _, _ = tiny_reference()
+    kwargs.update(img_resolution=16, model_channels=48, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=())
+    with pytest.raises(ValueError, match="144 channels do not split into 32 groups"):
+        SongUNet(**kwargs)

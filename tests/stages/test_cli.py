@@ -80,6 +80,10 @@ def test_python_dash_m_adcm_runs() -> None:
         ({"teacher.source": "url", "teacher.sha256": None}, "teacher.sha256"),
         ({"teacher.batch_per_step": 24}, "teacher.batch_per_step: expected a divisor"),
         ({"teacher.network.dropout": 1.5}, "teacher.network.dropout"),
+        (
+            {"teacher.network.model_channels": 48},
+            "teacher.network.model_channels: 48 × channel_mult [1, 2, 2] gives a 144",
+        ),
     ],
 )
 def test_bad_params_exit_2_with_one_line(tmp_path: Path, change: dict, needle: str) -> None:

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-__all__ = ["Conv2d", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock", "pixel_norm"]
+__all__ = [
+    "Conv2d",
+    "GroupNorm",
+    "Linear",
+    "PositionalEmbedding",
+    "SongUNet",
+    "UNetBlock",
+    "pixel_norm",
+]
 
 
 def _xavier_uniform_(tensor: Tensor, fan_in: int, fan_out: int, gain: float) -> None:
@@ -105,6 +113,8 @@ class GroupNorm(nn.Module):
     def __init__(self, num_channels: int, eps: float = 1e-5, num_groups: int = 32, min_channels_per_group: int = 4):
         super().__init__()
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        if self.num_groups < 1 or num_channels % self.num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {self.num_groups} groups")
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
