@@ -78,22 +78,35 @@ def test_length_study_is_the_default_arm_at_four_times_its_budget() -> None:
     assert [p.step for p in points] == [200, 400, 800, 1200, 1600]
 
 
-def test_levers_study_is_the_default_arm_with_only_the_dropout_changed() -> None:
-    """study/levers.yaml: the embedded default at its own budget, and the same run with the student's dropout
-    changed — nothing else differs, so a paired difference isolates the lever."""
+def test_levers_study_is_the_default_arm_with_one_lever_changed_per_arm() -> None:
+    """study/levers.yaml: the embedded default at its own budget, and the same run with one key of the student's
+    training changed per arm (dropout or the EMA's half-life) — nothing else differs, so a paired difference
+    isolates the lever."""
     study = load_study(ROOT / "study" / "levers.yaml")
     defaults = load_params(ROOT / "params.yaml")
     assert study.full.budget_kimg == defaults.train.duration_kimg
     load = functools.partial(load_params, ROOT / "params.yaml")
     baseline = arm_params(load, study, study.arms[0], 0, quick=False)
     assert baseline == dataclasses.replace(defaults, seed=0)
+    levers = {"dropout", "ema_halflife_kimg"}
     for arm in study.arms[1:]:
         assert (arm.method, arm.lam, arm.process) == (defaults.method, defaults.lam, defaults.process)
         params = arm_params(load, study, arm, 0, quick=False)
-        assert params.train.dropout != defaults.train.dropout
-        same = dataclasses.replace(params, train=dataclasses.replace(params.train, dropout=defaults.train.dropout))
-        assert same == baseline
+        changed = {k for k in levers if getattr(params.train, k) != getattr(defaults.train, k)}
+        assert len(changed) == 1, (arm.name, changed)
+        restored = {k: getattr(defaults.train, k) for k in changed}
+        assert dataclasses.replace(params, train=dataclasses.replace(params.train, **restored)) == baseline
     assert {(d.arm, d.baseline) for d in study.differences or ()} == {(a.name, "dropout-0.1") for a in study.arms[1:]}
+
+
+def test_scale_study_is_the_default_arm_alone_at_its_own_budget() -> None:
+    """study/scale.yaml: the default arm and nothing else, run once per teacher width (the width is the teacher's)."""
+    study = load_study(ROOT / "study" / "scale.yaml")
+    defaults = load_params(ROOT / "params.yaml")
+    assert study.differences is None and [a.name for a in study.arms] == ["default"]
+    assert study.full.budget_kimg == defaults.train.duration_kimg
+    load = functools.partial(load_params, ROOT / "params.yaml")
+    assert arm_params(load, study, study.arms[0], 0, quick=False) == dataclasses.replace(defaults, seed=0)
 
 
 def test_bad_study_params_name_the_key(tmp_path: Path) -> None:
