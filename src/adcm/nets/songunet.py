@@ -20,15 +20,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-__all__ = [
-    "Conv2d",
-    "GroupNorm",
-    "Linear",
-    "PositionalEmbedding",
-    "SongUNet",
-    "UNetBlock",
-    "pixel_norm",
-]
+__all__ = ["Conv2d", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock", "pixel_norm"]
 
 
 def _xavier_uniform_(tensor: Tensor, fan_in: int, fan_out: int, gain: float) -> None:

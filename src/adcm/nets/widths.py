@@ -23,17 +23,15 @@ def group_norm_widths(model_channels: int, channel_mult: Sequence[int], num_bloc
     skips: list[int] = []
     cout = model_channels
     for level, mult in enumerate(channel_mult):
-        if level == 0:
-            skips.append(cout)
-        else:
-            widths += [cout, cout]
-            skips.append(cout)
+        if level > 0:
+            widths += [cout, cout]  # the downsampling block
+        skips.append(cout)
         for _ in range(num_blocks):
             cin, cout = cout, model_channels * mult
             widths += [cin, cout]
             skips.append(cout)
     for level, mult in reversed(list(enumerate(channel_mult))):
-        repeats = 2 if level == len(channel_mult) - 1 else 1
+        repeats = 2 if level == len(channel_mult) - 1 else 1  # the two middle blocks, else the upsampling one
         widths += [cout, cout] * repeats
         for _ in range(num_blocks + 1):
             cin, cout = cout + skips.pop(), model_channels * mult
