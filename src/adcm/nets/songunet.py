@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from adcm.nets.widths import group_count
+
 __all__ = ["Conv2d", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock", "pixel_norm"]
 
 
@@ -104,7 +106,7 @@ class GroupNorm(nn.Module):
 
     def __init__(self, num_channels: int, eps: float = 1e-5, num_groups: int = 32, min_channels_per_group: int = 4):
         super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.num_groups = group_count(num_channels, num_groups, min_channels_per_group)
         if self.num_groups < 1 or num_channels % self.num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels do not split into {self.num_groups} groups")
         self.eps = eps

@@ -1,14 +1,20 @@
 """Channel arithmetic of DDPM++ (SongUNet), without torch: which widths its group normalisations see.
 
 The params check uses it to refuse a network EDM's group rule cannot build before any work starts
-(``adcm.config``); ``tests/nets/test_songunet.py`` checks it against a built network.
+(``adcm.config``), and ``GroupNorm`` takes its group count from here; ``tests/nets/test_songunet.py`` checks it
+against a built network.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["bad_group_norm_width", "group_norm_widths"]
+__all__ = ["bad_group_norm_width", "group_count", "group_norm_widths"]
+
+
+def group_count(num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4) -> int:
+    """EDM's number of groups for ``num_channels`` channels: min(num_groups, num_channels // min_channels_per_group)."""
+    return min(num_groups, num_channels // min_channels_per_group)
 
 
 def group_norm_widths(model_channels: int, channel_mult: Sequence[int], num_blocks: int) -> list[int]:
@@ -43,7 +49,7 @@ def group_norm_widths(model_channels: int, channel_mult: Sequence[int], num_bloc
 def bad_group_norm_width(model_channels: int, channel_mult: Sequence[int], num_blocks: int) -> int | None:
     """The first GroupNorm width (see ``group_norm_widths``) EDM's group rule cannot split, or None."""
     for width in group_norm_widths(model_channels, channel_mult, num_blocks):
-        groups = min(32, width // 4)
+        groups = group_count(width)
         if groups < 1 or width % groups:
             return width
     return None
