@@ -79,7 +79,7 @@ def test_process_to_ve_and_back_round_trips(name: str) -> None:
     torch.testing.assert_close(back, x_t, rtol=1e-12, atol=1e-12)
 
 
-def test_conversions_match_algorithm_md_formulas() -> None:
+def test_conversions_match_the_closed_form_formulas() -> None:
     """VE σ ↔ TrigFlow t = arctan(σ/σ_d), x_trig = cos t·x_σ; FM s ↔ σ = s/(1 − s), x_σ = x_s/(1 − s)."""
     x0, z = _data()
     sigma = torch.tensor([0.01, 0.7, 30.0], dtype=F64)
