@@ -175,6 +175,9 @@ def test_model_files_record_the_network_kind(tmp_path: Path) -> None:
     assert teacher.network == "edm2" and teacher.image_shape == (3, 16, 16) and teacher.label_dim == 10
     f = teacher.consistency_function(0.002)
     assert isinstance(f.model, EDM2Backbone)
+    # a record's description of the backbone: the parameter count of the built network, counted without building it
+    described = teacher.describe_network()
+    assert described["kind"] == "edm2" and described["parameters"] == sum(p.numel() for p in f.parameters())
     student = StudentFile(config, 0.5, f.state_dict(), "ve", "ve", "ect", None, 0.002, 0.002, 80.0, network="edm2")
     save_student(tmp_path / "s.pt", student)
     assert load_student(tmp_path / "s.pt").consistency_function().model.__class__ is EDM2Backbone

@@ -24,7 +24,7 @@ from adcm.errors import CheckpointError
 from adcm.eval.fid import feature_stats, fid_helper_weights_path, resolve_inception_weights
 from adcm.eval.metrics import ReferenceGeometry
 from adcm.io.datasets import write_prepared
-from adcm.io.model_files import TeacherFile, save_teacher
+from adcm.io.model_files import TeacherFile, load_teacher, save_teacher
 from adcm.nets.precond import denoiser
 from adcm.stages.cli import app
 from adcm.study.plan import Piece, arm_params, eval_steps, plan_pieces
@@ -296,6 +296,13 @@ def test_tiny_study_plan_run_resume_report(tmp_path: Path) -> None:
     assert diff["metrics"]["1step.kid"]["seeds"] == [0, 1]
     assert diff["metrics"]["1step.kid"]["values"] == pytest.approx(paired)
     teacher = json.loads((paths.teacher_record).read_text())
+    # what was trained is recorded from the teacher file itself, not from the params the run was planned with
+    teacher_file = load_teacher(paths.teacher)
+    built = teacher_file.denoiser()
+    for r in [teacher, *records.values()]:
+        net = r["teacher_network"]
+        assert net["kind"] == "ddpmpp" and net["kwargs"] == json.loads(json.dumps(teacher_file.network_kwargs))
+        assert net["parameters"] == sum(p.numel() for p in built.parameters())
     assert summary["teacher"]["start_curve"]["kappa@0.42"] == teacher["consistency"]["kappa"]["0.42"]["kappa"]
     assert summary["arms"]["adcm-c2f"]["fig4"]["rows"]  # ratios to ECT/iCT at the Fig. 4 times
     # the plateau check: the seed-mean curve of complete runs, and the spread of the per-seed shares

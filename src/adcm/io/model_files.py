@@ -10,6 +10,7 @@ Weights are stored under EDM's ``EDMPrecond`` names (``model.…``) whatever the
 
 from __future__ import annotations
 
+import json
 import math
 import typing
 import zipfile
@@ -76,6 +77,31 @@ class TeacherFile:
     def label_dim(self) -> int:
         """Number of classes the teacher is conditioned on (0 = unconditional)."""
         return network_label_dim(self.network_kwargs, self.network)
+
+    def describe_network(self) -> dict[str, Any]:
+        """The backbone for a record: its kind, constructor settings and number of parameters (JSON values only).
+
+        A study's run record stores the params it was planned with; when the teacher file was made with other network
+        settings (``--teacher`` of another width), this is what the run actually trained.
+        """
+        return {
+            "kind": self.network,
+            "kwargs": json.loads(json.dumps(self.network_kwargs)),
+            "parameters": self.parameter_count(),
+        }
+
+    def parameter_count(self) -> int:
+        """Number of trainable parameters of the backbone (built on the meta device: no memory, no weights)."""
+        with torch.device("meta"):
+            net = make_precond(
+                self.network_kwargs,
+                self.sigma_data,
+                process=self.process,
+                source=self.backbone_process,
+                eps=0.0,
+                network=self.network,
+            )
+        return int(sum(p.numel() for p in net.parameters()))
 
     @property
     def backbone_process(self) -> ProcessName:

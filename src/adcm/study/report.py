@@ -771,7 +771,18 @@ def report_study(load: ParamsLoader, study: StudyConfig, quick: bool, runs_dir: 
 
 
 _NOT_SETTINGS = frozenset(
-    {"evals", "pieces", "partitions", "wall_seconds", "params", "migrations", "schedule_process", "failed", "code"}
+    {
+        "evals",
+        "pieces",
+        "partitions",
+        "wall_seconds",
+        "params",
+        "teacher_network",
+        "migrations",
+        "schedule_process",
+        "failed",
+        "code",
+    }
 )
 
 

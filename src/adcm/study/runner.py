@@ -550,7 +550,11 @@ class Study:
             device=device,
             label_probs=probs,
         )
-        record: dict[str, Any] = {**teacher_identity, "heun_nfe": heun.nfe}
+        record: dict[str, Any] = {
+            **teacher_identity,
+            "teacher_network": teacher.describe_network(),
+            "heun_nfe": heun.nfe,
+        }
         record["heun_metrics"] = self.scorer.curve_and_final(images, scale.curve_images, True)
         net = teacher.consistency_function(process.eps, process.name).eval().requires_grad_(False)  # type: ignore[arg-type]
         record["consistency"] = evaluate_consistency(
@@ -629,7 +633,13 @@ class Study:
         path = self.paths.record(arm.name, piece.seed)
         record = read_record(path)
         if record is None:
-            record = {**identity, "params": dataclasses.asdict(params), "evals": [], "pieces": []}
+            record = {
+                **identity,
+                "teacher_network": teacher.describe_network(),
+                "params": dataclasses.asdict(params),
+                "evals": [],
+                "pieces": [],
+            }
         else:
             _check_identity(path, record, identity)
         done = {e["step"] for e in record["evals"]}
