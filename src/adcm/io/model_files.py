@@ -93,14 +93,7 @@ class TeacherFile:
     def parameter_count(self) -> int:
         """Number of trainable parameters of the backbone (built on the meta device: no memory, no weights)."""
         with torch.device("meta"):
-            net = make_precond(
-                self.network_kwargs,
-                self.sigma_data,
-                process=self.process,
-                source=self.backbone_process,
-                eps=0.0,
-                network=self.network,
-            )
+            net = self._build(0.0, None)
         return int(sum(p.numel() for p in net.parameters()))
 
     @property
@@ -110,7 +103,13 @@ class TeacherFile:
 
     def wrapper(self, eps: float, process: ProcessName | None = None) -> Precond:
         """These weights in the wrapper of ``process`` (default: the file's own) with boundary ε."""
-        net = make_precond(
+        net = self._build(eps, process)
+        net.load_state_dict(self.state_dict, strict=True)
+        return net
+
+    def _build(self, eps: float, process: ProcessName | None) -> Precond:
+        """The wrapper of ``process`` (default: the file's own) around a freshly initialised backbone."""
+        return make_precond(
             self.network_kwargs,
             self.sigma_data,
             process=process or self.process,
@@ -118,8 +117,6 @@ class TeacherFile:
             eps=eps,
             network=self.network,
         )
-        net.load_state_dict(self.state_dict, strict=True)
-        return net
 
     def denoiser(self) -> Precond:
         """The diffusion model's x0-prediction (EDM's D(x, σ) for VE; ε = 0), in eval mode on the CPU."""
