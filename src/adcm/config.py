@@ -334,6 +334,11 @@ class TrainConfig:
     )
     ema_halflife_kimg: float | None = param("EMA half-life in thousands of images (when ema_beta is null)", gt=0)
     dropout: float = param("dropout probability of the student (shared masks with the target)", ge=0, lt=1)
+    distillation: bool = param(
+        "consistency distillation (adcm, ect, ict): the target's point x_r is one Euler step of the teacher's "
+        "probability-flow ODE from x_t instead of the same noise path (consistency training); one more "
+        "forward of the frozen teacher per step"
+    )
     xflip: bool = param("augment the data with random horizontal flips")
     bf16: bool = param("bf16 autocast for the student/target forward on CUDA (JVPs and loss stay fp32); ignored on CPU")
     channels_last: bool = param("channels_last memory format on CUDA (ignored on CPU)")
@@ -915,6 +920,11 @@ def _validate(params: Params, source: str) -> None:
             )
     if tr.ict.s1 < tr.ict.s0:
         raise ParamsError(f"{source}: train.ict.s1: expected ≥ train.ict.s0 ({tr.ict.s0}), got {tr.ict.s1}")
+    if tr.distillation and params.method == "sct":
+        raise ParamsError(
+            f"{source}: train.distillation: supported for the discrete methods (adcm, ect, ict), "
+            "not for method 'sct' (continuous-time training)"
+        )
     if t.network.class_conditional and not params.prepare.labels:
         raise ParamsError(f"{source}: teacher.network.class_conditional: needs prepare.labels: true")
 

@@ -101,6 +101,21 @@ def test_resumed_run_ends_with_identical_weights(tmp_path: Path, method: str, pr
     assert any(not torch.equal(v, teacher[k]) for k, v in whole.ema_state.items())
 
 
+@pytest.mark.parametrize(("method", "process"), [("adcm", "ve"), ("ect", "fm")])
+def test_distillation_trains_resumes_exactly_and_differs_from_training(
+    tmp_path: Path, method: str, process: str
+) -> None:
+    distill = {"train.distillation": True}
+    whole, _ = _run(tmp_path, "a.pt", method, process=process, **distill)
+    first, _ = _run(tmp_path, "b.pt", method, stop=2, process=process, **distill)
+    resumed, _ = _run(tmp_path, "b.pt", method, process=process, **distill)
+    assert first.steps == 2 and resumed.steps == whole.steps == 4
+    for name, value in whole.ema_state.items():
+        assert torch.equal(value, resumed.ema_state[name]), name
+    trained, _ = _run(tmp_path, "c.pt", method, process=process)  # same seed, consistency training
+    assert any(not torch.equal(v, trained.ema_state[k]) for k, v in whole.ema_state.items())
+
+
 def test_foreign_checkpoint_is_refused(tmp_path: Path) -> None:
     _run(tmp_path, "a.pt", stop=1)
     with pytest.raises(CheckpointError, match="different configuration"):

@@ -34,7 +34,7 @@ from adcm.method.discretization import ConsistencyFn, DataDraw, Discretization
 from adcm.method.losses import DiffusionOutput, consistency_loss, diffusion_loss, noise_levels
 from adcm.method.sct import LogVarianceHead, SCTModule, sample_sct_times, sct_batch_loss, warmup_ratio
 from adcm.nets.precond import Precond, TrigFlowPrecond
-from adcm.processes import ForwardProcess, TrigFlowProcess
+from adcm.processes import ForwardProcess, TrigFlowProcess, broadcast_time
 from adcm.rng import same_rng
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "Draw",
     "Objective",
     "consistency_batch_loss",
+    "teacher_ode_step",
 ]
 
 
@@ -179,6 +180,33 @@ class DiffusionObjective(Objective):
             raise ValueError(f"state_dict is for {state.get('kind')!r}, not 'diffusion'")
 
 
+@torch.no_grad()
+def teacher_ode_step(
+    teacher: nn.Module, process: ForwardProcess, x_t: Tensor, t: Tensor, r: Tensor, labels: Tensor | None
+) -> Tensor:
+    """One Euler step of the teacher's probability-flow ODE from (x_t, t) to time r (consistency distillation).
+
+    With the teacher's x0-prediction x̂0 = D(x_t, t) and the noise it implies ẑ = (x_t − α(t)·x̂0)/β(t),
+    the ODE's velocity is dx/dt = α'(t)·x̂0 + β'(t)·ẑ (VE: (x_t − x̂0)/t, EDM's ODE), and
+    x_r = x_t + (r − t)·dx/dt. With an oracle teacher (x̂0 = x0) this is consistency training's
+    x_r = α(r)·x0 + β(r)·z — exactly for VE and FM (x_t linear in t), to first order for TrigFlow:
+    distillation replaces the one-sample estimate of the velocity by the teacher's posterior mean
+    (docs/method.md#consistency-distillation).
+
+    Args:
+        teacher: x0-prediction D(x, t, labels) of the teacher in ``process`` (ε = 0, eval mode).
+        process: the forward process of the student.
+        x_t: (B, C, H, W) points at time t.
+        t: (B,) start times; r: (B,) end times, r < t.
+        labels: class labels or None.
+    """
+    x0_hat = teacher(x_t, t, labels).to(x_t.dtype)
+    tb, rb = broadcast_time(t, x_t), broadcast_time(r, x_t)
+    z_hat = (x_t - process.alpha(tb) * x0_hat) / process.beta(tb)
+    velocity = process.d_alpha(tb) * x0_hat + process.d_beta(tb) * z_hat
+    return x_t + (rb - tb) * velocity
+
+
 def consistency_batch_loss(
     net: nn.Module,
     student: nn.Module,
@@ -190,19 +218,25 @@ def consistency_batch_loss(
     *,
     c: float,
     bf16: bool = False,
+    teacher: nn.Module | None = None,
 ) -> Tensor:
     """Mean discrete consistency loss of one mini-batch (docs/method.md#discrete-consistency-training).
 
-    x_t and x_r share the noise z; the target f_θ⁻(x_r, r) runs under no_grad with the current
-    weights (``net``), replaced by x_r where r ≤ ε; the student f_θ(x_t, t) runs through ``student``
-    (``net`` or its DDP wrapper) with the same dropout masks (the RNG is replayed). ``weight`` None
-    means ADCM's adaptive 1/d_c(target, x0) (paper Eq. 11). bf16 autocast (CUDA) covers the two
-    forwards only; the loss is computed in fp32.
+    x_t and x_r share the noise z (consistency training), or with ``teacher`` x_r is one Euler step
+    of the teacher's ODE from x_t (:func:`teacher_ode_step`, consistency distillation); the target
+    f_θ⁻(x_r, r) runs under no_grad with the current weights (``net``), replaced by x_r where r ≤ ε;
+    the student f_θ(x_t, t) runs through ``student`` (``net`` or its DDP wrapper) with the same
+    dropout masks (the RNG is replayed). ``weight`` None means ADCM's adaptive 1/d_c(target, x0)
+    (paper Eq. 11). bf16 autocast (CUDA) covers the forwards only; the loss is computed in fp32.
     """
     x0, z, labels = batch.x0, batch.z, batch.labels
     device = x0.device
     x_t = process.x_t(x0, z, t)
-    x_r = process.x_t(x0, z, r)
+    if teacher is None:
+        x_r = process.x_t(x0, z, r)
+    else:
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            x_r = teacher_ode_step(teacher, process, x_t, t, r, labels).float()
     at_data = (r <= torch.tensor(process.eps, dtype=r.dtype, device=r.device)).view(-1, *([1] * (x0.ndim - 1)))
     with same_rng(device) as replay:
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
@@ -219,10 +253,13 @@ class DiscreteConsistencyObjective(Objective):
 
     rng_stream = 1
 
-    def __init__(self, disc: Discretization, process: ForwardProcess, huber_c: float):
+    def __init__(self, disc: Discretization, process: ForwardProcess, huber_c: float, teacher: nn.Module | None = None):
+        """``teacher``: the frozen x0-prediction of the teacher in ``process`` for consistency
+        distillation (:func:`teacher_ode_step`); None = consistency training."""
         self.disc = disc
         self.process = process
         self.huber_c = huber_c
+        self.teacher = teacher if teacher is None else teacher.eval().requires_grad_(False)
 
     def needs_rebuild(self, step: int) -> bool:
         return self.disc.needs_rebuild(step)
@@ -237,8 +274,19 @@ class DiscreteConsistencyObjective(Objective):
     def loss(self, net: Precond, student: nn.Module, batch: Batch, draw: Draw, step: int, bf16: bool) -> Tensor:
         del step
         assert draw.r is not None
+        if self.teacher is not None:
+            self.teacher.to(batch.x0.device)  # a no-op after the first step
         return consistency_batch_loss(
-            net, student, self.process, batch, draw.t, draw.r, draw.weight, c=self.huber_c, bf16=bf16
+            net,
+            student,
+            self.process,
+            batch,
+            draw.t,
+            draw.r,
+            draw.weight,
+            c=self.huber_c,
+            bf16=bf16,
+            teacher=self.teacher,
         )
 
     @property

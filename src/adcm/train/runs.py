@@ -262,10 +262,14 @@ def make_objective(
     data_dim: int,
     *,
     class_conditional: bool = False,
+    teacher: nn.Module | None = None,
 ) -> Objective:
     """What one consistency-training step optimises: a discretization (ADCM, ECT, iCT) or sCT's loss
-    (``class_conditional``: see :func:`make_discretization`)."""
+    (``class_conditional``: see :func:`make_discretization`). ``teacher``: the teacher's frozen
+    x0-prediction in ``process`` for consistency distillation (discrete methods; ``train.distillation``)."""
     if method == "sct":
+        if teacher is not None:
+            raise ValueError("distillation is for the discrete methods, not sCT")
         if not isinstance(process, TrigFlowProcess):
             raise ValueError("sCT trains in TrigFlow (see student_process)")
         s = cfg.sct
@@ -278,7 +282,7 @@ def make_objective(
             weight_channels=s.weight_channels if s.adaptive_weight else None,
         )
     disc = make_discretization(method, lam, cfg, total_iters, seed, process, class_conditional=class_conditional)
-    return DiscreteConsistencyObjective(disc, process, huber_c_for(method, cfg, data_dim))
+    return DiscreteConsistencyObjective(disc, process, huber_c_for(method, cfg, data_dim), teacher=teacher)
 
 
 def _set_dropout(net: nn.Module, p: float) -> None:
@@ -355,6 +359,8 @@ def student_spec(
             relevant.pop(other)
     if params.method == "adcm" and relevant["adcm"]["lambda_schedule"] is None:
         del relevant["adcm"]["lambda_schedule"]  # constant λ: the fingerprint it had before the key existed
+    if not relevant["distillation"]:
+        del relevant["distillation"]  # consistency training: the fingerprint it had before the key existed
     fp = fingerprint(
         {
             "method": params.method,
@@ -400,6 +406,7 @@ def student_spec(
         process,
         data_dim,
         class_conditional=teacher.label_dim > 0,
+        teacher=teacher.wrapper(0.0, process.name) if cfg.distillation else None,  # type: ignore[arg-type]
     )
     frozen = tuple(
         name for name, _ in net.named_parameters() if name.startswith(("model.map_augment", "model.logvar_linear"))
