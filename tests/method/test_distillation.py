@@ -22,7 +22,8 @@ PROCESSES = [VEProcess(eps=0.002, t_max=80.0), FMProcess(eps=1e-3, t_max=0.999),
 
 @pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
 def test_an_oracle_teacher_gives_consistency_trainings_point(process) -> None:
-    """With x̂0 = x0 the Euler step lands exactly on α(r)·x0 + β(r)·z, for any Δt (the path is a line in (α, β))."""
+    """With x̂0 = x0 the Euler step lands on α(r)·x0 + β(r)·z: exactly for any Δt where x_t is linear in t
+    (VE, FM), within Euler's error bound on TrigFlow's curved path."""
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(6, 1, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
     z = torch.randn(6, 1, 4, 4, generator=gen, dtype=torch.float64)

@@ -201,10 +201,9 @@ def teacher_ode_step(
         labels: class labels or None.
     """
     x0_hat = teacher(x_t, t, labels).to(x_t.dtype)
-    tb, rb = broadcast_time(t, x_t), broadcast_time(r, x_t)
+    tb = broadcast_time(t, x_t)
     z_hat = (x_t - process.alpha(tb) * x0_hat) / process.beta(tb)
-    velocity = process.d_alpha(tb) * x0_hat + process.d_beta(tb) * z_hat
-    return x_t + (rb - tb) * velocity
+    return x_t + broadcast_time(r - t, x_t) * process.dx_dt(x0_hat, z_hat, t)
 
 
 def consistency_batch_loss(
@@ -254,8 +253,8 @@ class DiscreteConsistencyObjective(Objective):
     rng_stream = 1
 
     def __init__(self, disc: Discretization, process: ForwardProcess, huber_c: float, teacher: nn.Module | None = None):
-        """``teacher``: the frozen x0-prediction of the teacher in ``process`` for consistency
-        distillation (:func:`teacher_ode_step`); None = consistency training."""
+        """``teacher``: the frozen x0-prediction of the teacher in ``process``, on the training device,
+        for consistency distillation (:func:`teacher_ode_step`); None = consistency training."""
         self.disc = disc
         self.process = process
         self.huber_c = huber_c
@@ -274,8 +273,6 @@ class DiscreteConsistencyObjective(Objective):
     def loss(self, net: Precond, student: nn.Module, batch: Batch, draw: Draw, step: int, bf16: bool) -> Tensor:
         del step
         assert draw.r is not None
-        if self.teacher is not None:
-            self.teacher.to(batch.x0.device)  # a no-op after the first step
         return consistency_batch_loss(
             net,
             student,

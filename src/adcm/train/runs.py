@@ -406,7 +406,7 @@ def student_spec(
         process,
         data_dim,
         class_conditional=teacher.label_dim > 0,
-        teacher=teacher.wrapper(0.0, process.name) if cfg.distillation else None,  # type: ignore[arg-type]
+        teacher=teacher.wrapper(0.0, process.name).to(device) if cfg.distillation else None,  # type: ignore[arg-type]
     )
     frozen = tuple(
         name for name, _ in net.named_parameters() if name.startswith(("model.map_augment", "model.logvar_linear"))
