@@ -422,3 +422,23 @@ def test_forward_ad_jvp_equals_torch_func_jvp() -> None:
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-10, atol=1e-12)
     assert not any(p.grad is not None for p in f.parameters())
+
+
+def test_first_jvp_prints_no_pytorch_deprecation_warning() -> None:
+    """PyTorch's first dual tensor loads its forward-AD decompositions through the deprecated torch.jit.script;
+    that warning (PyTorch's own) is silenced in adcm.nets.jvp, and only it. A fresh interpreter, because the
+    decompositions load once per process; every other FutureWarning still raises there."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from adcm.nets.jvp import jvp\n"
+        "x = torch.ones(3)\n"
+        "out, tangent = jvp(lambda a: (a * a).sum(), (x,), (torch.ones(3),))\n"
+        "assert float(tangent) == 6.0\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
