@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, tiny_params, write_params
 
 
@@ -52,3 +53,52 @@ def test_bench_script_writes_every_measurement(tmp_path: Path) -> None:
         assert result["img_per_s"][key] > 0, key
     assert {"adcm_over_ect_time_paper_period", "ct_over_diffusion_time", "rebuild_s"} <= set(result["ratios"])
     assert "ADCM/ECT time" in proc.stdout
+
+
+@pytest.mark.slow
+def test_eval_speed_script_writes_every_measurement(tmp_path: Path) -> None:
+    """benchmarks/eval_speed.py on two images with the real Inception file (skipped without one)."""
+    from adcm.eval.fid import FIDError, resolve_inception_weights
+
+    try:
+        resolve_inception_weights(None)
+    except FIDError as err:
+        pytest.skip(f"no Inception weights available: {err}")
+    params = write_params(tmp_path / "params.yaml", tiny_params({}))
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "eval_speed.py"),
+            "--params",
+            str(params),
+            "--rounds",
+            "1",
+            "--fid-images",
+            "2",
+            "--fid-batches",
+            "1,2",
+            "--sample-images",
+            "2",
+            "--sample-batches",
+            "1,2",
+            "--teacher-steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["fid_img_per_s"]) == {
+        "batch 1, contiguous",
+        "batch 1, channels_last",
+        "batch 2, contiguous",
+        "batch 2, channels_last",
+    }
+    assert set(result["sample_nfe_img_per_s"]) == {"batch 1", "batch 2"} and result["teacher_nfe"] == 3
+    assert all(v > 0 for v in [*result["fid_img_per_s"].values(), *result["sample_nfe_img_per_s"].values()])

@@ -291,6 +291,41 @@ def test_build_extractor_uses_clean_fid_forward_on_either_layout(tmp_path: Path,
     torch.testing.assert_close(torch.from_numpy(image_features(images, extractor, 1, CPU)).float(), expected)
 
 
+class _ConvLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            self.conv = torch.nn.Conv2d(3, 4, 5, stride=4)
+            self.head = torch.nn.Conv2d(4, 2048, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 1))
+
+
+class _ConvLayout(torch.nn.Module):  # inception-2015-12-05.pt's nesting, with a spatial convolution
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = _ConvLayers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_extractor_memory_format_changes_layout_not_features(tmp_path: Path) -> None:
+    """channels_last (the default) puts the weights and each batch in channels-last layout; the
+    features equal the contiguous layout's up to float round-off."""
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(_ConvLayout()), str(path))
+    fast, plain = build_extractor(path, CPU), build_extractor(path, CPU, channels_last=False)
+    assert fast.model.layers.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.model.layers.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = noise_images(15, 3)
+    features, reference = image_features(images, fast, 2, CPU), image_features(images, plain, 2, CPU)
+    assert np.abs(reference).max() > 0.1
+    np.testing.assert_allclose(features, reference, rtol=0, atol=1e-6)
+
+
 def test_build_extractor_refuses_other_models(tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
     torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 4, 1)), str(path))
@@ -449,6 +484,23 @@ def test_real_inception_fid_matches_clean_fid(tmp_path: Path, no_download: None)
     assert ours == pytest.approx(frechet_distance(mu1, sigma1, *feature_stats(feats2)), rel=1e-7)
     assert theirs > 10
     assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_real_inception_channels_last_gives_the_contiguous_features_and_fid() -> None:
+    """The decision in CleanFIDExtractor: the channels-last layout changes features by float round-off
+    only (≤ 1e-4 absolute on values up to ≈ 6) and FID by < 1e-6 relative."""
+    weights, _ = _real_weights()
+    set1, set2 = noise_images(13, 12), blocky_images(14, 12, channels=1)
+    fast, plain = build_extractor(weights, CPU), build_extractor(weights, CPU, channels_last=False)
+    f1, f2 = image_features(set1, fast, 6, CPU), image_features(set2, fast, 6, CPU)
+    p1, p2 = image_features(set1, plain, 6, CPU), image_features(set2, plain, 6, CPU)
+    assert np.abs(p1).max() > 1
+    np.testing.assert_allclose(f1, p1, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(f2, p2, rtol=0, atol=1e-4)
+    fid_fast = frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    fid_plain = frechet_distance(*feature_stats(p1), *feature_stats(p2))
+    assert fid_plain > 10 and fid_fast == pytest.approx(fid_plain, rel=1e-6)
 
 
 @pytest.mark.slow
