@@ -37,6 +37,7 @@ from adcm.io.datasets import ImageDataset
 from adcm.io.files import atomic_write_text
 from adcm.io.model_files import TeacherFile
 from adcm.method.adcm import adcm_step, build_partition_batched
+from adcm.method.discretization import fraction_of_run, period_index
 from adcm.nets.precond import denoiser
 from adcm.processes import VEProcess, coordinates
 from adcm.sampling.generate import ConsistencySampler, HeunSampler, generate
@@ -190,8 +191,8 @@ def main() -> None:
     batched_rebuild_s = interleaved({"rebuild": batched_rebuild}, 1, 2, device)["rebuild"]
     rebuild_s = batched_rebuild_s if cfg.adcm.partition == "batched" else sequential_rebuild_s
     total_iters = max(1, math.ceil(cfg.duration_kimg * 1000 / cfg.batch_size))
-    run_period = max(1, round(cfg.adcm.rebuild_fraction * total_iters))  # this params.yaml's rebuild period
-    rebuilds_per_run = math.ceil(total_iters / run_period)  # at iterations 0, period, 2·period, …
+    run_period = fraction_of_run(cfg.adcm.rebuild_fraction, total_iters)  # this params.yaml's rebuild period
+    rebuilds_per_run = period_index(total_iters - 1, run_period) + 1  # at iterations 0, period, 2·period, …
     amortised = {
         "params": steps["adcm"] + rebuild_s * rebuilds_per_run / total_iters,
         "paper": steps["adcm"] + rebuild_s / PAPER_REBUILD_EVERY,

@@ -51,7 +51,7 @@ def train(
 ) -> None:
     """Consistency-train a one-step generator from the teacher (docs/method.md).
 
-    `method: adcm` builds the adaptive partition (paper Eq. 10, Algorithm 1) from the teacher before the first step and rebuilds it every train.adcm.rebuild_every_iters; `ect` and `ict` use their hand-made schedules; `sct` is continuous-time training in TrigFlow (one JVP per step). `process` (ve, fm, trigflow) is the forward process; sCT converts a VE or FM teacher to TrigFlow exactly. Run several processes with `torchrun --nproc-per-node N -m adcm train` (DDP; gloo on CPU, NCCL on CUDA); only rank 0 writes files."""
+    `method: adcm` builds the adaptive partition (paper Eq. 10, Algorithm 1) from the teacher before the first step and rebuilds it at every train.adcm.rebuild_fraction of the run; `ect` and `ict` use their hand-made schedules; `sct` is continuous-time training in TrigFlow (one JVP per step). `process` (ve, fm, trigflow) is the forward process; sCT converts a VE or FM teacher to TrigFlow exactly. Run several processes with `torchrun --nproc-per-node N -m adcm train` (DDP; gloo on CPU, NCCL on CUDA); only rank 0 writes files."""
     p = read_params(params, set_)
     device = resolve_device(p.train.device, "train.device")
     info = init_distributed(device)

@@ -527,3 +527,34 @@ def test_ect_discretization_sample() -> None:
     d.load_state_dict({"kind": "ect"})
     with pytest.raises(ValueError):
         d.load_state_dict({"kind": "ict"})
+
+
+def test_period_index_is_floor_division_for_whole_periods() -> None:
+    from adcm.method.discretization import period_index, period_start
+
+    for period in (1, 3, 100, 25_000):
+        assert [period_index(i, period) for i in range(0, 3 * period + 2)] == [
+            i // period for i in range(0, 3 * period + 2)
+        ]
+        assert [period_start(k, period) for k in range(4)] == [k * period for k in range(4)]
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.25, 0.2, 0.1])
+def test_fractional_periods_split_any_run_into_exactly_one_over_fraction_periods(fraction: float) -> None:
+    """fraction_of_run keeps the period unrounded, so every run length has 1/fraction periods, the k-th
+    starting within half an iteration of k·fraction of the run (a rounded period of 62 in a 250-iteration
+    run started a fifth quarter at iteration 248)."""
+    from adcm.method.discretization import fraction_of_run, period_index, period_start
+
+    periods = round(1 / fraction)
+    for total in range(periods, 600):
+        period = fraction_of_run(fraction, total)
+        starts = [period_start(k, period) for k in range(periods + 1)]
+        assert all(abs(s - k * fraction * total) <= 0.5 for k, s in enumerate(starts))
+        assert period_index(total - 1, period) == periods - 1
+        index = [period_index(i, period) for i in range(total)]
+        assert index == sorted(index) and set(index) == set(range(periods))
+        assert [i for i in range(1, total) if index[i] != index[i - 1]] == starts[1:periods]
+    assert period_index(248, fraction_of_run(0.25, 250)) == 3
+    with pytest.raises(ValueError, match="at least one"):
+        period_index(3, 0.5)

@@ -410,3 +410,26 @@ def test_schedules_are_proportional_to_the_run() -> None:
         assert [
             s for s in range(total) if adcm.disc.rebuild_every_iters and s % adcm.disc.rebuild_every_iters == 0
         ] == [0, total // 4, total // 2, 3 * total // 4]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("total", [250, 333, 400, 1001])
+def test_a_run_not_divisible_by_its_periods_keeps_four_rebuilds_and_four_ect_stages(total: int) -> None:
+    """At 16 kimg (250 iterations of 64) a quarter of the run is 62.5 iterations: ADCM rebuilds at 0, 63, 125
+    and 188 and ECT has four stages — not a fifth rebuild or stage at iteration 248, as a rounded period gave."""
+    from adcm.method.ect import ect_r
+    from adcm.processes import VEProcess
+    from adcm.train.runs import make_objective
+
+    cfg = _params(**{"train.ect.stage_fraction": 0.25, "train.adcm.rebuild_fraction": 0.25}).train
+    ve = VEProcess()
+    adcm = make_objective("adcm", 0.01, cfg, total, 0, ve, 64).disc
+    ect = make_objective("ect", 0.01, cfg, total, 0, ve, 64).disc
+    adcm._partitions = [(-1, torch.tensor([80.0, 0.002], dtype=torch.float64))]  # type: ignore[attr-defined]
+    due = [s for s in range(total) if adcm.needs_rebuild(s)]  # type: ignore[attr-defined]
+    assert len(due) == 4 and all(abs(s - k * total / 4) <= 0.5 for k, s in enumerate(due))
+    t = torch.tensor([1.0], dtype=torch.float64)
+    dts = [float((t - ect_r(t, s, ect.stage_iters))[0]) for s in range(total)]  # type: ignore[attr-defined]
+    assert len(set(dts)) == 4 and dts[-1] == pytest.approx(dts[due[1]] / 4)  # q = 2: Δt halves at each new stage
+    assert [s for s in range(1, total) if dts[s] != dts[s - 1]] == due[1:]
+    if total == 250:
+        assert due == [0, 63, 125, 188]

@@ -41,6 +41,8 @@ from adcm.method.discretization import (
     frozen_network,
     lognormal_interval_probs,
     pairs_from_grid,
+    period_index,
+    period_start,
     sample_intervals,
     uniform_interval_probs,
 )
@@ -447,7 +449,8 @@ class ADCMDiscretization(Discretization):
         lam: λ ≥ 0 (``math.inf`` allowed), or a callable ``iteration -> λ`` (a λ schedule, e.g. the
             ImageNet 0.64 → 0.01 decay), evaluated at each rebuild; a :class:`LambdaSchedule` also
             triggers a rebuild at each of its switches.
-        rebuild_every_iters: rebuild period (25k in the paper).
+        rebuild_every_iters: rebuild period (25k in the paper; ≥ 1, may be fractional: the k-th rebuild is
+            then at k·period rounded half up, :func:`~adcm.method.discretization.period_start`).
         partition_batch_size: mini-batch size for each Δt* estimate.
         max_points: maximum partition length (default 4096).
         interval_sampling: ``'lognormal'`` or ``'uniform'``.
@@ -464,7 +467,7 @@ class ADCMDiscretization(Discretization):
         self,
         process: ForwardProcess,
         lam: float | Callable[[int], float],
-        rebuild_every_iters: int,
+        rebuild_every_iters: float,
         partition_batch_size: int,
         max_points: int = 4096,
         interval_sampling: Literal["lognormal", "uniform"] = "lognormal",
@@ -479,8 +482,8 @@ class ADCMDiscretization(Discretization):
     ) -> None:
         if builder not in ("sequential", "batched"):
             raise ValueError(f"builder must be 'sequential' or 'batched', got {builder!r}")
-        if rebuild_every_iters <= 0:
-            raise ValueError(f"rebuild_every_iters must be positive, got {rebuild_every_iters}")
+        if rebuild_every_iters < 1:
+            raise ValueError(f"rebuild_every_iters must be at least 1, got {rebuild_every_iters}")
         if partition_batch_size <= 0:
             raise ValueError(f"partition_batch_size must be positive, got {partition_batch_size}")
         if interval_sampling not in ("lognormal", "uniform"):
@@ -530,13 +533,15 @@ class ADCMDiscretization(Discretization):
         return self._probs
 
     def needs_rebuild(self, iteration: int) -> bool:
-        """True if no partition exists yet, or ``iteration % rebuild_every_iters == 0`` (or ``iteration`` is a
-        switch of a :class:`LambdaSchedule`) and the latest partition was not already built at this iteration
+        """True if no partition exists yet, or ``iteration`` starts a rebuild period (``iteration %
+        rebuild_every_iters == 0`` for a whole period; :func:`~adcm.method.discretization.period_start`) or is a
+        switch of a :class:`LambdaSchedule`, and the latest partition was not already built at this iteration
         (idempotent across resumption)."""
         if not self._partitions:
             return True
         switch = isinstance(self.lam, LambdaSchedule) and iteration in self.lam.switches
-        due = iteration % self.rebuild_every_iters == 0 or switch
+        period = self.rebuild_every_iters
+        due = period_start(period_index(iteration, period), period) == iteration or switch
         return due and self._partitions[-1][0] != iteration
 
     def rebuild(

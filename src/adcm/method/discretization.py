@@ -35,6 +35,7 @@ Partition points are float64; sampled ``t``/``r`` are float32.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,6 +58,8 @@ __all__ = [
     "frozen_network",
     "lognormal_interval_probs",
     "pairs_from_grid",
+    "period_index",
+    "period_start",
     "sample_intervals",
     "uniform_interval_probs",
 ]
@@ -251,6 +254,34 @@ def check_kind(state: dict[str, Any], kind: str) -> None:
         raise ValueError(f"state_dict is for discretization {state.get('kind')!r}, not {kind!r}")
 
 
-def fraction_of_run(fraction: float, total_iters: int) -> int:
-    """A period given as a fraction of the run, in whole steps (at least one): schedules scale with the run."""
-    return max(1, round(fraction * total_iters))
+def fraction_of_run(fraction: float, total_iters: int) -> float:
+    """A period given as a fraction of the run, in steps (at least one, not rounded): schedules scale with the run.
+
+    The period may be fractional (0.25 of 250 iterations is 62.5); its k-th period then starts at
+    :func:`period_start` (k, period), so that the run has exactly ⌈1/fraction⌉ periods, each starting
+    at the nearest iteration to k·fraction of the run — 0, 63, 125 and 188 of 250 — rather than
+    periods of a rounded length, which would start a fifth one at iteration 248.
+    """
+    return max(1.0, float(fraction) * total_iters)
+
+
+def period_start(k: int, period: float) -> int:
+    """The iteration at which the k-th period (k ≥ 0) of length ``period`` starts: k·period rounded half up."""
+    return math.floor(k * period + 0.5)
+
+
+def period_index(iteration: int, period: float) -> int:
+    """The period that ``iteration`` (≥ 0) falls in: the largest k with :func:`period_start` (k, period) ≤ iteration.
+
+    For a whole ``period`` this is ``iteration // period``; ``period`` must be at least 1.
+    """
+    if period < 1:
+        raise ValueError(f"a period must be at least one iteration, got {period}")
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    k = int((iteration + 0.5) // period)
+    while k > 0 and period_start(k, period) > iteration:
+        k -= 1
+    while period_start(k + 1, period) <= iteration:
+        k += 1
+    return k

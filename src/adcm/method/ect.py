@@ -8,30 +8,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adcm.method.discretization import Discretization, PairBatch, check_kind
+from adcm.method.discretization import Discretization, PairBatch, check_kind, period_index
 from adcm.processes import ForwardProcess
 
 __all__ = ["ECTDiscretization", "ect_r"]
 
 
-def ect_r(t: Tensor, iteration: int, stage_iters: int, k: float = 8.0, b: float = 1.0, q: float = 2.0) -> Tensor:
+def ect_r(t: Tensor, iteration: int, stage_iters: float, k: float = 8.0, b: float = 1.0, q: float = 2.0) -> Tensor:
     """ECT's mapping r(t) (Geng et al. 2024, §3 "mapping function"; docs/method.md#ect).
 
-    r = t·(1 − n(t)/q^(a+1)), n(t) = 1 + k·sigmoid(−b·t), stage a = ⌊iteration / stage_iters⌋,
-    clamped at r ≥ 0. Each stage divides Δt = t − r by q, approaching continuous time.
+    r = t·(1 − n(t)/q^(a+1)), n(t) = 1 + k·sigmoid(−b·t), stage a = ⌊iteration / stage_iters⌋
+    (:func:`~adcm.method.discretization.period_index`: stage a starts at a·stage_iters rounded half up
+    when stage_iters is fractional), clamped at r ≥ 0. Each stage divides Δt = t − r by q, approaching
+    continuous time.
 
     Args:
         t: times, any shape.
         iteration: training iteration.
-        stage_iters: iterations per stage (25k on CIFAR-10).
+        stage_iters: iterations per stage (25k on CIFAR-10; ≥ 1, may be fractional).
         k, b, q: ECT constants (8, 1, 2 on CIFAR-10; q = 4 on ImageNet).
 
     Returns:
         r with the shape and dtype of ``t``.
     """
-    if stage_iters <= 0:
-        raise ValueError(f"stage_iters must be positive, got {stage_iters}")
-    stage = iteration // stage_iters
+    if stage_iters < 1:
+        raise ValueError(f"stage_iters must be at least 1, got {stage_iters}")
+    stage = period_index(iteration, stage_iters)
     n = 1.0 + k * torch.sigmoid(-b * t)
     return (t * (1.0 - n / q ** (stage + 1))).clamp(min=0.0)
 
@@ -61,15 +63,15 @@ class ECTDiscretization(Discretization):
     def __init__(
         self,
         process: ForwardProcess,
-        stage_iters: int,
+        stage_iters: float,
         p_mean: float = -1.1,
         p_std: float = 2.0,
         k: float = 8.0,
         b: float = 1.0,
         q: float = 2.0,
     ) -> None:
-        if stage_iters <= 0:
-            raise ValueError(f"stage_iters must be positive, got {stage_iters}")
+        if stage_iters < 1:
+            raise ValueError(f"stage_iters must be at least 1, got {stage_iters}")
         if p_std <= 0:
             raise ValueError(f"p_std must be positive, got {p_std}")
         self.process = process
