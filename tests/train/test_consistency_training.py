@@ -173,6 +173,26 @@ def _train_args(tmp_path: Path, data: Path, teacher: Path, params: Path, out: st
     ]
 
 
+def test_grids_along_training_are_this_runs_own_and_survive_a_resume(tmp_path: Path) -> None:
+    """A fresh run removes an earlier run's grids; re-running the finished run (DVC persists reports/train)
+    keeps the grids it drew and removes only grids of later steps; other files are left alone."""
+    data, teacher, params = _stage_files(tmp_path)
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    (grids / "grid-000999.png").write_bytes(b"stale")
+    (grids / "notes.txt").write_text("kept")
+    runner = CliRunner()
+    assert runner.invoke(app, _train_args(tmp_path, data, teacher, params), catch_exceptions=False).exit_code == 0
+    drawn = sorted(p.name for p in grids.glob("grid-*.png"))
+    assert drawn == ["grid-000002.png", "grid-000004.png"] and (grids / "notes.txt").read_text() == "kept"
+    (grids / "grid-000999.png").write_bytes(b"stale")
+    before = {name: (grids / name).read_bytes() for name in drawn}
+    assert runner.invoke(app, _train_args(tmp_path, data, teacher, params), catch_exceptions=False).exit_code == 0
+    assert sorted(p.name for p in grids.glob("grid-*.png")) == drawn
+    assert {name: (grids / name).read_bytes() for name in drawn} == before
+    assert json.loads((tmp_path / "train.json").read_text())["resumed_from_kimg"] > 0
+
+
 def test_train_and_schedule_stages_write_their_outputs(tmp_path: Path) -> None:
     data, teacher, params = _stage_files(tmp_path)
     runner = CliRunner()

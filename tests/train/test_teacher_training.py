@@ -87,3 +87,16 @@ def test_checkpoint_further_than_the_duration_is_refused(tmp_path: Path) -> None
         _train(tmp_path, "a.pt", 0.032)
     longer = _train(tmp_path, "a.pt", 0.096)
     assert longer.resumed_from_kimg == pytest.approx(0.064) and longer.steps == 6
+
+
+def test_progress_of_a_resumed_run_measures_images_per_second_from_where_it_resumed() -> None:
+    """A run resumed at 25.6 kimg (or already finished) must not show 25,600 images over a few microseconds."""
+    import time
+
+    from adcm.train.progress import TrainingProgress
+
+    with TrainingProgress("t", 51.2, enabled=False) as progress:
+        progress.resume_at(25.6)
+        time.sleep(0.05)
+        rate = progress.update(25.6 + 0.064)  # 64 images in ≥ 50 ms
+    assert 0 < rate <= 64 / 0.05 + 1e-6

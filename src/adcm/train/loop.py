@@ -145,6 +145,21 @@ class Preview:
     name: str = "grid.png"
 
 
+def clear_stale_grids(directory: Path, step: int) -> None:
+    """Remove the grids along training (``grid-NNNNNN.png``) of steps after ``step`` from ``directory``.
+
+    A run that starts over (step 0) removes every earlier run's grids; a resumed run keeps those it
+    drew before the interruption, so that the directory always holds exactly this run's grids (the
+    DVC stage persists it across re-runs for that reason). Other files are left alone.
+    """
+    if not directory.is_dir():
+        return
+    for path in directory.glob("grid-*.png"):
+        number = path.stem.removeprefix("grid-")
+        if number.isdigit() and int(number) > step:
+            path.unlink()
+
+
 @dataclass(frozen=True)
 class RunResult:
     """What a finished (or paused, ``stop_after_steps``) run produced (``peak_memory_mib``: the largest
@@ -432,6 +447,8 @@ def train(
             )
 
     logger = MetricsLogger(log_dir if info.is_main else None, resume=state is not None and step > 0)
+    if info.is_main and preview is not None:
+        clear_stale_grids(preview.directory, step)
     log_every = cfg.period_steps(cfg.log_every_kimg)
     ckpt_every = cfg.period_steps(cfg.checkpoint_every_kimg)
     preview_every = cfg.period_steps(preview.every_kimg) if preview is not None else 0
@@ -445,7 +462,7 @@ def train(
     with TrainingProgress(
         cfg.label, total_steps * cfg.batch_size / 1000, enabled=show_progress and info.is_main
     ) as progress:
-        progress.update(step * cfg.batch_size / 1000)
+        progress.resume_at(step * cfg.batch_size / 1000)
         while step < end_step:
             t0 = time.perf_counter()
             if trainer.rebuild(step):

@@ -60,6 +60,12 @@ class TrainingProgress:
     def __exit__(self, *exc: Any) -> None:
         self._progress.__exit__(*exc)
 
+    def resume_at(self, kimg: float) -> None:
+        """Start the bar at ``kimg`` (where a resumed run continues), without an images/s figure: the next
+        :meth:`update` measures from here, not from zero."""
+        self._last = (time.perf_counter(), kimg)
+        self._progress.update(self._task, completed=kimg)
+
     def restart_clock(self) -> None:
         """Exclude the time since the last update (e.g. a partition rebuild) from the next images/s."""
         self._last = (time.perf_counter(), self._last[1])
