@@ -72,6 +72,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU's and the number of threads, for a benchmark's table and JSON."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, iters: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call of each function over ``rounds`` rounds of ``iters`` calls, taken in turn."""
     for fn in fns.values():  # warm-up (allocators, kernel selection, first-call overheads)
@@ -251,10 +258,7 @@ def main() -> None:
         "rebuild_s_batched": batched_rebuild_s,
         "rebuild_s_sequential_estimate": sequential_rebuild_s,
     }
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    device_name = describe_device(device)
     print(
         f"network {args.network} ({params_count / 1e6:.2f}M parameters), batch {b}, {device_name}; "
         f"median of {args.rounds} interleaved rounds × {args.iters} steps"

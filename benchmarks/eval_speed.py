@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench import describe_device, interleaved  # this directory's side-by-side timing
 
 from adcm.config import load_params
 from adcm.eval.fid import build_extractor, image_features, resolve_inception_weights
@@ -42,19 +40,6 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
-
-
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function over ``rounds`` rounds, taken in turn (after one warm-up call)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -95,7 +80,7 @@ def main() -> None:
         for b in args.fid_batches
         for cl in (False, True)
     }
-    fid_s = interleaved(fid_fns, args.rounds)
+    fid_s = interleaved(fid_fns, args.rounds, 1, device)
 
     # The teacher's Heun sampler on the teacher's architecture (weights do not change the speed).
     kwargs = network_kwargs_for(params.teacher.network, resolution, channels, 0)
@@ -113,12 +98,9 @@ def main() -> None:
 
         return run
 
-    sample_s = interleaved({f"batch {b}": sample(b) for b in args.sample_batches}, args.rounds)
+    sample_s = interleaved({f"batch {b}": sample(b) for b in args.sample_batches}, args.rounds, 1, device)
 
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    device_name = describe_device(device)
     fid_rate = {name: args.fid_images / s for name, s in fid_s.items()}
     sample_rate = {name: args.sample_images * nfe / s for name, s in sample_s.items()}
     print(f"{device_name}; median of {args.rounds} interleaved rounds")

@@ -11,13 +11,27 @@ import pytest
 from conftest import ROOT, tiny_params, write_params
 
 
+def _run_benchmark(script: str, tmp_path: Path, args: list[str]) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """Run benchmarks/<script> with ``args`` in ``tmp_path``; it must succeed. Returns the process and the
+    JSON it wrote to ``tmp_path / "out.json"`` (``--out`` is appended)."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, json.loads(out.read_text())
+
+
 def test_bench_script_writes_every_measurement(tmp_path: Path) -> None:
     params = write_params(tmp_path / "params.yaml", tiny_params({"train.adcm.partition_batch_size": 2}))
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
+    proc, result = _run_benchmark(
+        "bench.py",
+        tmp_path,
         [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench.py"),
             "--params",
             str(params),
             "--batch",
@@ -30,16 +44,8 @@ def test_bench_script_writes_every_measurement(tmp_path: Path) -> None:
             "2",
             "--partition-points",
             "10",
-            "--out",
-            str(out),
         ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
     assert result["batch"] == 4 and result["partition_batch"] == 2
     for key in (
         "diffusion step (EDM loss)",
@@ -65,11 +71,10 @@ def test_eval_speed_script_writes_every_measurement(tmp_path: Path) -> None:
     except FIDError as err:
         pytest.skip(f"no Inception weights available: {err}")
     params = write_params(tmp_path / "params.yaml", tiny_params({}))
-    out = tmp_path / "eval.json"
-    proc = subprocess.run(
+    _, result = _run_benchmark(
+        "eval_speed.py",
+        tmp_path,
         [
-            sys.executable,
-            str(ROOT / "benchmarks" / "eval_speed.py"),
             "--params",
             str(params),
             "--rounds",
@@ -84,16 +89,8 @@ def test_eval_speed_script_writes_every_measurement(tmp_path: Path) -> None:
             "1,2",
             "--teacher-steps",
             "2",
-            "--out",
-            str(out),
         ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
     assert set(result["fid_img_per_s"]) == {
         "batch 1, contiguous",
         "batch 1, channels_last",
