@@ -99,3 +99,13 @@ def test_eval_speed_script_writes_every_measurement(tmp_path: Path) -> None:
     }
     assert set(result["sample_nfe_img_per_s"]) == {"batch 1", "batch 2"} and result["teacher_nfe"] == 3
     assert all(v > 0 for v in [*result["fid_img_per_s"].values(), *result["sample_nfe_img_per_s"].values()])
+
+
+def test_dropout_benchmark_writes_both_implementations(tmp_path: Path) -> None:
+    params = write_params(tmp_path / "params.yaml", tiny_params({"train.dropout": 0.2}))
+    args = ["--params", str(params), "--batch", "4", "--rounds", "1", "--iters", "1"]
+    _, result = _run_benchmark("dropout.py", tmp_path, args)
+    for method in ("ect", "adcm"):
+        assert set(result["img_per_s"][method]) == {"pytorch (bernoulli_)", "adcm (16-bit levels)"}
+        assert all(v > 0 for v in result["img_per_s"][method].values())
+        assert result["speedup_median_of_round_ratios"][method] > 0

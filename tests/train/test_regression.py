@@ -4,6 +4,10 @@ the redesign (regression data recorded from that code on tiny configurations: te
 Every discrete and continuous method on every process must end with the same EMA weights (per-tensor sums and
 sums of squares, float64) and the same final loss; every sampler must give the same uint8 images. A changed
 random stream, draw order or loss would move these by orders of magnitude more than the tolerance.
+
+The data were recorded with PyTorch's dropout; the backbones now draw their CPU masks with
+:func:`adcm.nets.dropout.dropout` (tested on its own in tests/nets/test_dropout.py), so these tests put
+PyTorch's back and check everything else — the loop, its random streams, draws and losses — bit for bit.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as nnf
 from conftest import TRAIN_TINY as SHARED_TINY
 from conftest import synthetic_dataset, tiny_params
 
 from adcm.config import parse_params
 from adcm.io.model_files import TeacherFile
+from adcm.nets import edm2, songunet
 from adcm.nets.precond import denoiser
 from adcm.processes import coordinates, make_process
 from adcm.sampling.generate import ConsistencySampler, HeunSampler, generate
@@ -29,6 +35,17 @@ from adcm.train.runs import network_kwargs_for, student_spec
 GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "golden-training.json").read_text())
 CPU = torch.device("cpu")
 TRAIN_TINY = {**SHARED_TINY, "seed": 1}
+
+
+def _pytorch_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return nnf.dropout(x, p=p, training=training)
+
+
+@pytest.fixture(autouse=True)
+def _recorded_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dropout the regression data were recorded with (PyTorch's, one Bernoulli draw per element)."""
+    monkeypatch.setattr(songunet, "dropout", _pytorch_dropout)
+    monkeypatch.setattr(edm2, "dropout", _pytorch_dropout)
 
 
 @pytest.fixture(autouse=True)

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from adcm.nets.dropout import dropout
+
 __all__ = [
     "Block",
     "EDM2Backbone",
@@ -274,8 +276,7 @@ class Block(nn.Module):
         y = self.conv_res0(mp_silu(x))
         c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
-        if self.training and self.dropout != 0:
-            y = nnf.dropout(y, p=self.dropout)
+        y = dropout(y, self.dropout, self.training)
         y = self.conv_res1(y)
 
         if self.flavor == "dec" and self.conv_skip is not None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from adcm.nets.dropout import dropout
 from adcm.nets.widths import group_count
 
 __all__ = ["Conv2d", "GroupNorm", "Linear", "PositionalEmbedding", "SongUNet", "UNetBlock", "pixel_norm"]
@@ -200,7 +201,7 @@ class UNetBlock(nn.Module):
             x = nnf.silu(torch.addcmul(pixel_norm(shift), self.norm1(x), pixel_norm(scale)))
         else:  # DDPM++: the embedding is added before the normalisation
             x = nnf.silu(self.norm1(x + params))
-        x = self.conv1(nnf.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(dropout(x, self.dropout, self.training))
         x = (x + (self.skip(residual) if self.skip is not None else residual)) * self.skip_scale
         if self.num_heads:
             batch, channels, height, width = x.shape
