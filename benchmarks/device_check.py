@@ -36,11 +36,13 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fnmatch
 import gc
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -737,19 +739,27 @@ def _repo_files() -> tuple[list[Path], str]:
     import yaml
 
     declared: set[Path] = set()
+    templated: list[str] = []  # a foreach stage's outputs, e.g. samples/${key}.npz: matched as samples/*.npz
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     for stage in (pipeline.get("stages") or {}).values():
         body = stage.get("do", stage)
         for group in ("outs", "metrics", "plots"):
             for item in body.get(group) or []:
-                declared.add(Path(item if isinstance(item, str) else next(iter(item))))
+                out = str(item if isinstance(item, str) else next(iter(item)))
+                if "${" in out:
+                    templated.append(re.sub(r"\$\{[^}]*\}", "*", out))
+                else:
+                    declared.add(Path(out))
     skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
     files = []
     for path in ROOT.rglob("*"):
         rel = path.relative_to(ROOT)
         if any(part in skip for part in rel.parts) or rel.parts[:2] in ((".dvc", "cache"), (".dvc", "tmp")):
             continue
-        if path.is_file() and not any(rel == d or d in rel.parents for d in declared):
+        output = any(rel == d or d in rel.parents for d in declared) or any(
+            fnmatch.fnmatchcase(rel.as_posix(), pattern) for pattern in templated
+        )
+        if path.is_file() and not output:
             files.append(rel)
     return files, "walk (no git)"
 
