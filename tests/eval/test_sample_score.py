@@ -237,3 +237,32 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
         assert metrics[f"fid_{name}_ci95_low"] <= metrics[f"fid_{name}"] <= metrics[f"fid_{name}_ci95_high"]
         assert f"kid_{name}" in metrics and metrics[f"kid_{name}_std"] >= 0
     assert metrics["count_data"] == 4
+    # The data floor's features come from the reference, extracted once by `adcm reference`.
+    with np.load(ref) as archive:
+        floor = archive["floor_features"]
+        assert floor.shape == (4, 2048) and archive["features"].shape == (8, 2048)
+    # A precomputed reference (--save-precomputed) is used by `adcm reference` when it fits, bit for bit ...
+    pre = tmp_path / "pre.npz"
+    ref_args = ["reference", "--params", str(params), "--data", str(data), "--no-progress"]
+    result = runner.invoke(app, [*ref_args, "--out", str(ref), "--save-precomputed", str(pre)], catch_exceptions=False)
+    assert result.exit_code == 0 and "computed" in result.output and pre.is_file()
+    again = tmp_path / "again.npz"
+    result = runner.invoke(
+        app, [*ref_args, "--out", str(again), "-S", f"score.reference_file={pre}"], catch_exceptions=False
+    )
+    assert result.exit_code == 0 and f"the precomputed {pre}" in result.output, result.output
+    with np.load(ref) as a, np.load(again) as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    # ... and not when it was made from another count: that reference is computed, saying why.
+    result = runner.invoke(
+        app,
+        [*ref_args, "--out", str(again), "-S", f"score.reference_file={pre}", "-S", "score.reference_count=6"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0 and "computed (" in result.output and "another count_requested" in result.output
+    with np.load(again) as b:
+        assert b["features"].shape == (6, 2048)
+    missing_file = runner.invoke(
+        app, [*ref_args, "--out", str(again), "-S", f"score.reference_file={tmp_path / 'none.npz'}"]
+    )
+    assert missing_file.exit_code == 2 and "score.reference_file" in missing_file.output

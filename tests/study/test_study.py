@@ -461,7 +461,8 @@ def test_cli_with_the_real_inception(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     ref = tmp_path / "reference.npz"
     runner = CliRunner()
-    args = ["reference", "--params", str(params), "-S", "score.reference_count=8", "--data", str(paths.data)]
+    args = ["reference", "--params", str(params), "-S", "score.reference_count=8", "-S", "score.floor_images=4"]
+    args += ["--data", str(paths.data)]
     result = runner.invoke(app, [*args, "--out", str(ref), "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     common = [

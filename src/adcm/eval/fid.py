@@ -547,9 +547,15 @@ def fid_from_images(
 
 
 def save_stats(
-    path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, Any], features: np.ndarray | None = None
+    path: Path,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    meta: dict[str, Any],
+    features: np.ndarray | None = None,
+    floor_features: np.ndarray | None = None,
 ) -> None:
-    """Write ``mu``, ``sigma``, JSON ``meta`` (and the ``features`` they came from, for KID) to ``path`` atomically.
+    """Write ``mu``, ``sigma``, JSON ``meta`` (and the ``features`` they came from, for KID, and the data floor's
+    ``floor_features``) to ``path`` atomically.
 
     ``meta`` must contain ``count`` (number of images) and ``extractor`` (identity string from
     :func:`resolve_inception_weights`) and be JSON-serialisable. The data go to a temporary file in
@@ -567,6 +573,8 @@ def save_stats(
         arrays: dict[str, Any] = {"mu": mu, "sigma": sigma, "meta": np.array(meta_json)}
         if features is not None:
             arrays["features"] = np.asarray(features, dtype=np.float32)
+        if floor_features is not None:
+            arrays["floor_features"] = np.asarray(floor_features, dtype=np.float32)
         np.savez(handle, **arrays)
 
 
