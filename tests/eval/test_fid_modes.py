@@ -14,6 +14,7 @@ extractor is compared too.
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -519,6 +520,11 @@ def test_hostile_precomputed_files_are_refused(prepared_8px: Path, tmp_path: Pat
     assert "JSON object" in attempt("list", meta=np.array("[1, 2]"))
     assert "'meta' is not a JSON string" in attempt("long", meta=np.array("x" * 5000))
     assert "'meta' is not a JSON string" in attempt("bytes", meta=np.zeros(3))
+    meta = json.loads(str(good["meta"]))
+    fewer = json.dumps({**meta, "count": 19, "kept_features": 19})  # the same request, one image short
+    short = attempt("fewer", meta=np.array(fewer), features=good["features"][:19])
+    assert "declares 19 images, but the reference has 20" in short
+    assert "declares 'x' images" in attempt("text", meta=np.array(json.dumps({**meta, "count": "x"})))
     # A header declaring far more data than its record holds is refused before anything is allocated.
     big = tmp_path / "big.npz"
     header = {"descr": "<f4", "fortran_order": False, "shape": (10**9, 2048)}

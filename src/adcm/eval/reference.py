@@ -280,7 +280,10 @@ def load_precomputed(
         mismatch = _check_identity(path, meta, {**wanted, "floor_count": floor_count}, extractor_id)
         if mismatch is not None:
             return mismatch
-        features = _precomputed_array(path, "features", int(meta.get("count", -1)))
+        rows = count if count is not None else len(load_prepared(data_path).images)
+        if meta.get("count") != rows or meta.get("kept_features") != rows:
+            raise FIDError(f"{path}: declares {meta.get('count')!r} images, but the reference has {rows}")
+        features = _precomputed_array(path, "features", rows)
         floor = _precomputed_array(path, "floor_features", floor_count) if floor_count else None
     except DatasetError as exc:
         raise FIDError(str(exc)) from exc
