@@ -54,6 +54,8 @@ def reference(
 ) -> None:
     """Inception statistics (clean-fid mode score.fid_mode) of the first score.reference_count training images (null: all, in constant memory) and the features of the score.floor_images held-out images after them (the data floor), with the mode, the data's SHA-256 and the weights' SHA-1; read by `score` and the study. Taken from score.reference_file when that precomputed file was made from the same data, count, floor, mode and weights (as EDM's published references are used), computed otherwise."""
     cfg = read_params(params, set_).score
+    if save_precomputed is not None and not save_precomputed.parent.is_dir():
+        raise FIDError(f"--save-precomputed {save_precomputed}: no directory {save_precomputed.parent}")
     device = resolve_device(cfg.device, "score.device")
     weights, identity = resolve_inception_weights(
         Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode

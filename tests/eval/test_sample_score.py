@@ -266,3 +266,6 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
         app, [*ref_args, "--out", str(again), "-S", f"score.reference_file={tmp_path / 'none.npz'}"]
     )
     assert missing_file.exit_code == 2 and "score.reference_file" in missing_file.output
+    fresh = tmp_path / "fresh.npz"
+    no_dir = runner.invoke(app, [*ref_args, "--out", str(fresh), "--save-precomputed", str(tmp_path / "no" / "p.npz")])
+    assert no_dir.exit_code == 2 and "--save-precomputed" in no_dir.output and not fresh.exists()  # before any work
