@@ -73,6 +73,22 @@ TRAIN_TINY: dict[str, Any] = {
 """Consistency training at tiny sizes (with TINY): 4 iterations, every period and schedule within them."""
 
 
+EDM2_TINY: dict[str, Any] = dict(
+    img_resolution=8,
+    img_channels=1,
+    label_dim=0,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    channels_per_head=8,
+    dropout=0.2,
+    use_fp16=False,
+    logvar_channels=16,
+)
+"""A tiny EDM2 network (``EDM2Precond`` settings) for tests."""
+
+
 def tiny_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The repository's params with tiny sizes, plus ``overrides`` (dotted keys)."""
     data = copy.deepcopy(repo_params())

@@ -7,9 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as nnf
+from conftest import EDM2_TINY, tiny_params
 
+from adcm.config import parse_params
 from adcm.nets.dropout import dropout, effective_p
+from adcm.nets.edm2 import EDM2Precond
+from adcm.nets.songunet import SongUNet
 from adcm.rng import same_rng
+from adcm.train.runs import network_kwargs_for
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
@@ -73,43 +78,14 @@ def test_bf16_input_keeps_its_dtype() -> None:
 
 def test_backbones_use_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Both backbones' residual blocks drop through :func:`dropout`, not PyTorch's CPU ``bernoulli_``."""
-    from adcm.nets.edm2 import EDM2UNet
-    from adcm.nets.songunet import SongUNet
 
     def refuse(*_args: object, **_kwargs: object) -> torch.Tensor:
         raise AssertionError("torch.nn.functional.dropout called on the CPU")
 
     monkeypatch.setattr(nnf, "dropout", refuse)
-    song = SongUNet(
-        img_resolution=8,
-        in_channels=1,
-        out_channels=1,
-        label_dim=0,
-        augment_dim=0,
-        model_channels=8,
-        channel_mult=[1, 2],
-        channel_mult_emb=2,
-        num_blocks=1,
-        attn_resolutions=[4],
-        dropout=0.5,
-        label_dropout=0.0,
-        embedding_type="positional",
-        channel_mult_noise=1,
-        encoder_type="standard",
-        decoder_type="standard",
-        resample_filter=[1, 1],
-    ).train()
+    network = parse_params(tiny_params({"teacher.network.dropout": 0.5})).teacher.network
+    song = SongUNet(**network_kwargs_for(network, 8, 1, 0)).train()
     x = torch.randn(2, 1, 8, 8)
-    out = song(x, torch.ones(2), None)
-    assert out.shape == x.shape
-    edm2 = EDM2UNet(
-        img_resolution=8,
-        img_channels=1,
-        label_dim=0,
-        model_channels=8,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[4],
-        dropout=0.5,
-    ).train()
+    assert song(x, torch.ones(2), None).shape == x.shape
+    edm2 = EDM2Precond(**{**EDM2_TINY, "dropout": 0.5}).train()  # type: ignore[arg-type]
     assert edm2(x, torch.ones(2)).shape == x.shape

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_TINY, synthetic_dataset, tiny_params
+from conftest import EDM2_TINY, TRAIN_TINY, synthetic_dataset, tiny_params
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
@@ -52,19 +52,6 @@ DDPMPP = dict(
     encoder_type="standard",
     decoder_type="standard",
     resample_filter=[1, 1],
-)
-EDM2_TINY = dict(
-    img_resolution=8,
-    img_channels=1,
-    label_dim=0,
-    model_channels=16,
-    channel_mult=[1, 2],
-    num_blocks=1,
-    attn_resolutions=[4],
-    channels_per_head=8,
-    dropout=0.2,
-    use_fp16=False,
-    logvar_channels=16,
 )
 
 
