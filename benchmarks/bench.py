@@ -81,6 +81,15 @@ def describe_device(device: torch.device) -> str:
 
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, iters: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call of each function over ``rounds`` rounds of ``iters`` calls, taken in turn."""
+    times = interleaved_rounds(fns, rounds, iters, device)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_rounds(
+    fns: dict[str, Callable[[], None]], rounds: int, iters: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``rounds`` rounds of ``iters`` calls, taken in turn (after one
+    warm-up call each), so that ratios can be paired round by round."""
     for fn in fns.values():  # warm-up (allocators, kernel selection, first-call overheads)
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -92,7 +101,7 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int, iters: int, dev
                 fn()
             _sync(device)
             times[name].append((time.perf_counter() - start) / iters)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def _trainer(

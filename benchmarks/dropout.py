@@ -7,8 +7,9 @@ The residual blocks of both backbones drop activations through :func:`adcm.nets.
 CPU it draws four 16-bit levels per 64-bit word of the global generator where PyTorch draws one
 Bernoulli variate per element (docs/performance.md#dropout-masks-on-the-cpu). This times the real
 training step (:meth:`adcm.train.loop.Trainer.step`: ECT, and ADCM on a given partition) with each, the
-backbones' dropout swapped in place between the two, in interleaved rounds; it reports the median round
-of each and the median of the per-round ratios, so slow drifts of the machine hit both alike. Not a
+backbones' dropout swapped in place before every step, in interleaved rounds (``bench.interleaved_rounds``);
+it reports the median round of each and the median of the per-round ratios, so slow drifts of the machine
+hit both alike. Not a
 test: nothing is asserted.
 """
 
@@ -18,14 +19,13 @@ import argparse
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from bench import _trainer, describe_device  # this directory's helpers
+from bench import _trainer, describe_device, interleaved_rounds  # this directory's helpers
 
 import adcm.nets.songunet as songunet
 from adcm.config import load_params
@@ -76,20 +76,21 @@ def main() -> None:
     pts = torch.logspace(math.log10(ve.t_max), math.log10(ve.eps), 1044, dtype=torch.float64)
     trainers["adcm"].objective.load_state_dict({"kind": "adcm", "seed": 0, "partitions": [(0, pts)]})
     step = {m: 1 for m in trainers}
-    seconds: dict[str, dict[str, list[float]]] = {m: {name: [] for name in IMPLEMENTATIONS} for m in trainers}
+
+    def timed(method: str, implementation: Callable[[torch.Tensor, float, bool], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            songunet.dropout = implementation  # type: ignore[assignment]
+            trainers[method].step(step[method])
+            step[method] += 1
+
+        return run
+
+    fns = {f"{m}|{name}": timed(m, impl) for m in trainers for name, impl in IMPLEMENTATIONS.items()}
     try:
-        for round_ in range(args.rounds + 1):  # round 0 warms up
-            for method, trainer in trainers.items():
-                for name, implementation in IMPLEMENTATIONS.items():
-                    songunet.dropout = implementation  # type: ignore[assignment]
-                    start = time.perf_counter()
-                    for _ in range(args.iters):
-                        trainer.step(step[method])
-                        step[method] += 1
-                    if round_:
-                        seconds[method][name].append((time.perf_counter() - start) / args.iters)
+        rounds = interleaved_rounds(fns, args.rounds, args.iters, device)
     finally:
         songunet.dropout = dropout  # type: ignore[assignment]
+    seconds = {m: {name: rounds[f"{m}|{name}"] for name in IMPLEMENTATIONS} for m in trainers}
     old, new = IMPLEMENTATIONS
     result: dict[str, object] = {
         "device": describe_device(device),
