@@ -7,10 +7,6 @@ from pathlib import Path
 import typer
 
 from adcm.errors import CheckpointError
-from adcm.io.edm_export import save_edm_snapshot
-from adcm.io.edm_pickle import load_edm_pickle
-from adcm.io.files import sha256_file
-from adcm.io.model_files import load_teacher
 from adcm.stages.common import user_errors
 
 
@@ -20,6 +16,11 @@ def export(
     out: Path = typer.Option(..., help="EDM snapshot pickle to write (read back by teacher.source: file)."),
 ) -> None:
     """Write the teacher as an EDM network snapshot — the format of EDM's released checkpoints, data only — then read it back through the safe importer, check that every weight round-trips exactly, and print its SHA-256 (for teacher.sha256)."""
+    from adcm.io.edm_export import save_edm_snapshot
+    from adcm.io.edm_pickle import load_edm_pickle
+    from adcm.io.files import sha256_file
+    from adcm.io.model_files import load_teacher
+
     model = load_teacher(teacher)
     save_edm_snapshot(model, out)
     back = load_edm_pickle(out)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from adcm.io.datasets import prepare_dataset, write_prepared
 from adcm.stages.common import PARAMS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 
@@ -21,7 +20,11 @@ def prepare(
     The images are streamed into dataset.npz one block at a time (a folder of any size: one image at a
     time), and later stages memory-map them, so the dataset never has to fit in memory.
     """
-    data = prepare_dataset(read_params(params, set_).prepare)
+    cfg = read_params(params, set_).prepare
+
+    from adcm.io.datasets import prepare_dataset, write_prepared
+
+    data = prepare_dataset(cfg)
     meta = write_prepared(data, out_dir / "dataset.npz", out_dir / "dataset.json")
     typer.echo(
         f"prepared {meta['count']} images {meta['channels']}×{meta['resolution']}×{meta['resolution']} "

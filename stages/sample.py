@@ -5,25 +5,10 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-from adcm.devices import resolve_device
-from adcm.io.files import atomic_path
-from adcm.io.images import save_grid
-from adcm.io.model_files import load_student, load_teacher
-from adcm.sampling.generate import (
-    Sampler,
-    balanced_labels,
-    chosen_labels,
-    generate,
-    heun_for,
-    sample_grid,
-    student_sampler,
-    uniform_label_probs,
-)
 from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
 
 
@@ -57,6 +42,24 @@ def sample(
 
     A class-conditional model gets an exactly class-balanced set (image of seed s has class s mod K) with sample.class_label null, or that one class for every image; the labels are written with the images."""
     p = read_params(params, set_)
+
+    import numpy as np
+
+    from adcm.devices import resolve_device
+    from adcm.io.files import atomic_path
+    from adcm.io.images import save_grid
+    from adcm.io.model_files import load_student, load_teacher
+    from adcm.sampling.generate import (
+        Sampler,
+        balanced_labels,
+        chosen_labels,
+        generate,
+        heun_for,
+        sample_grid,
+        student_sampler,
+        uniform_label_probs,
+    )
+
     cfg = p.sample
     device = resolve_device(cfg.device, "sample.device")
     if sampler is Which.teacher:

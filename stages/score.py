@@ -5,21 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn, TimeRemainingColumn
 
-from adcm.devices import resolve_device
 from adcm.errors import FIDError
-from adcm.eval.fid import Extractor, build_extractor, image_features, resolve_inception_weights
-from adcm.eval.metrics import ReferenceGeometry, set_metrics
-from adcm.eval.reference import load_reference, obtain_reference, write_precomputed
-from adcm.io.datasets import map_npz_array
-from adcm.io.files import write_json
 from adcm.stages.common import PARAMS_OPTION, PROGRESS_OPTION, SET_OPTION, params_epilog, read_params, user_errors
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from adcm.eval.fid import Extractor
 
 DATA_OPTION = typer.Option(Path("data/prepared/dataset.npz"), help="Prepared training images.")
 REF_OPTION = typer.Option(
@@ -56,6 +55,11 @@ def reference(
     cfg = read_params(params, set_).score
     if save_precomputed is not None and not save_precomputed.parent.is_dir():
         raise FIDError(f"--save-precomputed {save_precomputed}: no directory {save_precomputed.parent}")
+
+    from adcm.devices import resolve_device
+    from adcm.eval.fid import build_extractor, resolve_inception_weights
+    from adcm.eval.reference import obtain_reference, write_precomputed
+
     device = resolve_device(cfg.device, "score.device")
     weights, identity = resolve_inception_weights(
         Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode
@@ -105,6 +109,15 @@ def score(
         sets[name] = Path(file)
     if not sets:
         raise FIDError("nothing to score: give --samples name=PATH")
+
+    import numpy as np
+
+    from adcm.devices import resolve_device
+    from adcm.eval.fid import build_extractor, resolve_inception_weights
+    from adcm.eval.metrics import ReferenceGeometry, set_metrics
+    from adcm.eval.reference import load_reference
+    from adcm.io.files import write_json
+
     device = resolve_device(cfg.device, "score.device")
     weights, identity = resolve_inception_weights(
         Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode
@@ -144,6 +157,9 @@ def score(
 def _features(
     name: str, path: Path, extractor: Extractor, batch_size: int, device: torch.device, progress: bool
 ) -> np.ndarray:
+    from adcm.eval.fid import image_features
+    from adcm.io.datasets import map_npz_array
+
     images = map_npz_array(path, "images")
     with _bar(f"features {name}", progress) as bar:
         task = bar.add_task(name, total=len(images))

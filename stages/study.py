@@ -11,16 +11,17 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from adcm.config import Params, load_params, load_study
 from adcm.errors import ParamsError
 from adcm.stages.common import PARAMS_OPTION, user_errors
-from adcm.study.plan import ParamsLoader
-from adcm.study.report import compare_records, report_study
-from adcm.study.runner import Scorer, Study, StudyPaths, StudyProgress, inception_scorer
+
+if TYPE_CHECKING:
+    from adcm.study.plan import ParamsLoader
+    from adcm.study.runner import Scorer, Study, StudyProgress
 
 study_app = typer.Typer(
     help="The equal-budget study (study/params.yaml; `dvc repro study/dvc.yaml`).",
@@ -56,6 +57,8 @@ def _loader(params: Path) -> ParamsLoader:
 def _study(
     params: Path, study: Path, quick: bool, teacher: Path, data: Path, ref_stats: Path, runs: Path, ckpt: Path
 ) -> Study:
+    from adcm.study.runner import Study, StudyPaths, inception_scorer
+
     load = _loader(params)
     cfg = load_study(study)
 
@@ -143,6 +146,8 @@ def run_all(
     write_report: bool = typer.Option(True, "--report/--no-report", help="Write the report at the end."),
 ) -> None:
     """Every piece not yet in the records, in order (the shared records, then seed by seed every arm), in one process; with --max-minutes it stops cleanly after the piece that crosses the limit, so a session can run the study in slices. Then the report of what is there."""
+    from adcm.study.report import report_study
+
     s = _study(params, study, quick, teacher, data, ref_stats, runs_dir, checkpoint_dir)
     progress = s.run(max_minutes=max_minutes)
     if write_report and any(runs_dir.glob("*/*/record.json")):
@@ -161,6 +166,8 @@ def report(
     out_dir: Path = OUT_OPTION,
 ) -> None:
     """Recompute the report from the records: mean and 95 % t-interval over seeds at the budget, paired differences (arm − baseline), the plateau check, κ against the 2-step metric, the learned Δt(t) against ECT/iCT, and the figures."""
+    from adcm.study.report import report_study
+
     typer.echo(report_study(_loader(params), load_study(study), quick, runs_dir, out_dir))
 
 
@@ -171,6 +178,8 @@ def compare(
     other: Path = typer.Argument(..., help="Another record of the same run (e.g. a re-run with --runs-dir elsewhere)."),
 ) -> None:
     """Two records of one run side by side: the settings that differ (none for a re-run), and at every evaluation step both have, the step's loss and the 1-step KID/FID in each (the final N at the budget); says whether they are bit-identical."""
+    from adcm.study.report import compare_records
+
     result = compare_records(*(_read_record(p) for p in (record, other)))
     if result["settings_differ"]:
         typer.echo(f"settings that differ: {', '.join(result['settings_differ'])}")

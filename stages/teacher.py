@@ -5,16 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 import typer
 
 from adcm.config import OnConfigChange
-from adcm.devices import resolve_device
-from adcm.io.files import write_json
-from adcm.io.images import save_grid
-from adcm.io.model_files import save_teacher
-from adcm.io.teacher_import import import_teacher
-from adcm.sampling.generate import heun_for, sample_grid
 from adcm.stages.common import (
     FRESH_OPTION,
     ON_CONFIG_CHANGE_OPTION,
@@ -25,7 +18,6 @@ from adcm.stages.common import (
     read_params,
     user_errors,
 )
-from adcm.train.runs import run_teacher
 
 
 @user_errors
@@ -55,6 +47,17 @@ def teacher(
 
     Every source writes the same teacher file, after the network has been rebuilt and its weights checked; the command ends by drawing a sample grid with EDM's deterministic Heun sampler (teacher.sampler; 18 steps = 35 NFE), run in VE coordinates for every process; a class-conditional teacher shows one class per row."""
     p = read_params(params, set_)
+
+    import torch
+
+    from adcm.devices import resolve_device
+    from adcm.io.files import write_json
+    from adcm.io.images import save_grid
+    from adcm.io.model_files import save_teacher
+    from adcm.io.teacher_import import import_teacher
+    from adcm.sampling.generate import heun_for, sample_grid
+    from adcm.train.runs import run_teacher
+
     cfg = p.teacher
     device = resolve_device(cfg.device, "teacher.device")
     started = time.perf_counter()

@@ -5,15 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 import typer
 
 from adcm.config import OnConfigChange
-from adcm.devices import resolve_device
-from adcm.io.files import write_json
-from adcm.io.images import save_grid
-from adcm.io.model_files import save_student
-from adcm.sampling.generate import ConsistencySampler, sample_grid
 from adcm.stages.common import (
     FRESH_OPTION,
     ON_CONFIG_CHANGE_OPTION,
@@ -24,8 +18,6 @@ from adcm.stages.common import (
     read_params,
     user_errors,
 )
-from adcm.train.distributed import init_distributed
-from adcm.train.runs import run_student
 
 
 @user_errors
@@ -53,6 +45,17 @@ def train(
 
     `method: adcm` builds the adaptive partition (paper Eq. 10, Algorithm 1) from the teacher before the first step and rebuilds it at every train.adcm.rebuild_fraction of the run; `ect` and `ict` use their hand-made schedules; `sct` is continuous-time training in TrigFlow (one JVP per step). `process` (ve, fm, trigflow) is the forward process; sCT converts a VE or FM teacher to TrigFlow exactly. Run several processes with `torchrun --nproc-per-node N -m adcm train` (DDP; gloo on CPU, NCCL on CUDA); only rank 0 writes files."""
     p = read_params(params, set_)
+
+    import torch
+
+    from adcm.devices import resolve_device
+    from adcm.io.files import write_json
+    from adcm.io.images import save_grid
+    from adcm.io.model_files import save_student
+    from adcm.sampling.generate import ConsistencySampler, sample_grid
+    from adcm.train.distributed import init_distributed
+    from adcm.train.runs import run_student
+
     device = resolve_device(p.train.device, "train.device")
     info = init_distributed(device)
     if info.world_size > 1 and device.type == "cuda":

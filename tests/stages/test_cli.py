@@ -60,6 +60,58 @@ def test_python_dash_m_adcm_runs() -> None:
     assert "teacher" in proc.stdout
 
 
+_LOADED = """
+import sys
+from adcm.stages.cli import main
+sys.argv = ["adcm", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    print("exit", exc.code, file=sys.stderr)
+heavy = ("torch", "numpy", "cleanfid", "torchvision", "scipy")
+print("loaded:", *(m for m in heavy if m in sys.modules))
+"""
+
+
+def run_cli_and_list_heavy_modules(*args: str, cwd: Path = ROOT) -> tuple[str, str]:
+    """(stdout, stderr) of `adcm ARGS` in a fresh interpreter; stdout ends with the heavy modules it loaded."""
+    proc = subprocess.run([sys.executable, "-c", _LOADED, *args], capture_output=True, text=True, cwd=cwd, check=True)
+    return proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["score", "--help"], ["study", "run", "--help"]])
+def test_help_loads_neither_torch_nor_the_library(args: list[str]) -> None:
+    """Each stage imports the library inside its command: `adcm … --help` starts in a fraction of a second."""
+    out, err = run_cli_and_list_heavy_modules(*args)
+    assert "exit 0" in err and "Usage" in out
+    assert out.splitlines()[-1] == "loaded:"
+
+
+def test_a_bad_key_is_refused_before_the_library_loads(tmp_path: Path) -> None:
+    data = tiny_params()
+    set_key(data, "train.lr", -1.0)
+    out, err = run_cli_and_list_heavy_modules("train", "--params", str(write_params(tmp_path / "p.yaml", data)))
+    assert "exit 2" in err and "train.lr" in err
+    assert out.splitlines()[-1] == "loaded:"
+    out, err = run_cli_and_list_heavy_modules("schedule", "--params", str(tmp_path / "p.yaml"))
+    assert "exit 2" in err and "train.lr" in err
+    assert out.splitlines()[-1] == "loaded:"
+
+
+def test_scoring_leaves_torchvision_out() -> None:
+    """clean-fid's `cleanfid.fid` (it loads torchvision, ≈ 3 s) is imported only by the parity check that uses it."""
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "import adcm.eval.fid, adcm.eval.metrics, adcm.eval.reference\n"
+        "print('torchvision' in sys.modules, 'cleanfid.fid' in sys.modules)\n"
+        "adcm.eval.fid.cleanfid_frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2))\n"
+        "print('cleanfid.fid' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert proc.stdout.split() == ["False", "False", "True"]
+
+
 @pytest.mark.parametrize(
     ("change", "needle"),
     [

@@ -1,8 +1,10 @@
 """The DVC stages' dependencies cover, by construction, every project module their command imports.
 
 For every stage of dvc.yaml and study/dvc.yaml, the module defining the command (``adcm <name>``) is imported
-in a fresh interpreter; every file of the repository it loads (src/adcm/…, stages/…) must be listed as a
-dependency of the stage, itself or through a folder that contains it. ``stages/cli.py`` (which only registers
+in a fresh interpreter together with every project module it imports anywhere — at the top or inside its
+command functions, where the stage modules import the library so that ``adcm --help`` starts without it —;
+every file of the repository they load (src/adcm/…, stages/…) must be listed as a dependency of the stage,
+itself or through a folder that contains it. ``stages/cli.py`` (which only registers
 the commands) and the packages' ``__init__.py`` files are the ones every stage may leave out.
 """
 
@@ -21,10 +23,16 @@ PIPELINES = [ROOT / "dvc.yaml", ROOT / "study" / "dvc.yaml"]
 REGISTRATION_ONLY = {"stages/cli.py", "src/adcm/__main__.py"}
 
 _PROBE = """
-import importlib, json, sys
+import ast, importlib, json, sys
 from pathlib import Path
 root = Path(sys.argv[1]).resolve()
-importlib.import_module(sys.argv[2])
+module = importlib.import_module(sys.argv[2])
+for node in ast.walk(ast.parse(Path(module.__file__).read_text(encoding="utf-8"))):
+    names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+    names += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+    for name in names:
+        if name.split(".")[0] == "adcm":
+            importlib.import_module(name)
 files = set()
 for module in list(sys.modules.values()):
     path = getattr(module, "__file__", None)
@@ -98,3 +106,17 @@ def test_the_check_fails_when_a_dependency_is_removed(imports: dict[str, set[str
     for dep in [d for d in deps if d.startswith(("src/", "stages/"))]:
         assert uncovered(imports[module], [d for d in deps if d != dep]), f"removing {dep} went unnoticed"
     assert "src/adcm/nets/jvp.py" in imports[module]  # the JVP behind Eq. 10 is among the train stage's imports
+
+
+def test_the_probe_sees_imports_inside_commands(imports: dict[str, set[str]]) -> None:
+    """``adcm train`` imports its library modules inside the command; the probe must still find them."""
+    module, _ = stage_deps(ROOT / "dvc.yaml")["train"]
+    top_level = subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print('adcm.train.runs' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert top_level.stdout.strip() == "False"
+    assert "src/adcm/train/runs.py" in imports[module]

@@ -52,7 +52,6 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from cleanfid.fid import frechet_distance as _cleanfid_frechet_distance
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 
@@ -514,7 +513,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def cleanfid_frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """The same distance by clean-fid's own ``frechet_distance`` (``scipy.linalg.sqrtm``), for parity checks."""
+    """The same distance by clean-fid's own ``frechet_distance`` (``scipy.linalg.sqrtm``), for parity checks.
+
+    Imported here, not with the module: ``cleanfid.fid`` loads torchvision and SciPy's linear algebra
+    (≈ 3 s on the 2-core CPU), which scoring does not otherwise need."""
+    from cleanfid.fid import frechet_distance as _cleanfid_frechet_distance
+
     mu1, sigma1 = _check_stats(mu1, sigma1, "first statistics")
     mu2, sigma2 = _check_stats(mu2, sigma2, "second statistics")
     with warnings.catch_warnings():
