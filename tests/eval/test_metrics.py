@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from cleanfid import fid as cleanfid_fid
 
+from adcm.eval import metrics
 from adcm.eval.fid import feature_stats, frechet_distance
 from adcm.eval.metrics import ReferenceGeometry, fid_with_interval, kid_subsets, kid_with_spread, set_metrics
 
@@ -37,6 +38,26 @@ def test_bootstrap_interval_brackets_the_value_and_shrinks_with_n() -> None:
         fid_with_interval(_features(40, 32, 2), geometry, resamples=0)[1:]
         == (pytest.approx(fid_with_interval(_features(40, 32, 2), geometry, resamples=0)[0]),) * 2
     )
+
+
+def test_bootstrap_resamples_are_each_the_fid_of_the_resampled_rows() -> None:
+    """The interval reuses one projection X Σ^½ for every resample; each must still be that resample's FID."""
+    ref, gen = _features(300, 40, 0), _features(30, 40, 7, shift=0.4)
+    geometry = ReferenceGeometry.from_stats(*feature_stats(ref))
+    value, _lo, hi = fid_with_interval(gen, geometry, resamples=25, seed=3)
+    rng = np.random.default_rng(3)
+    direct = [frechet_distance(*feature_stats(ref), *feature_stats(gen[rng.integers(0, 30, 30)])) for _ in range(25)]
+    assert value == pytest.approx(geometry.fid(gen), rel=1e-12)
+    assert (hi - value) / 1.96 == pytest.approx(float(np.std(direct, ddof=1)), rel=1e-6)
+
+
+def test_kid_from_whole_kernel_matrices_equals_the_per_subset_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    ref, gen = _features(90, 24, 8), _features(50, 24, 9, shift=0.3)
+    monkeypatch.setattr(metrics, "_KID_WHOLE_KERNEL_ENTRIES", 0)  # every subset computes its own kernels
+    per_subset = kid_subsets(gen, ref, num_subsets=12, max_subset_size=40, seed=5)
+    monkeypatch.setattr(metrics, "_KID_WHOLE_KERNEL_ENTRIES", 1 << 26)  # 90² + 50² + 90·50 < 12·3·40²: whole
+    whole = kid_subsets(gen, ref, num_subsets=12, max_subset_size=40, seed=5)
+    assert np.allclose(whole, per_subset, rtol=1e-10, atol=0) and len(set(whole.tolist())) == 12
 
 
 def test_kid_matches_clean_fid_on_one_full_subset() -> None:

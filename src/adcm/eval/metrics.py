@@ -22,6 +22,8 @@ from adcm.errors import FIDError
 
 __all__ = ["ReferenceGeometry", "fid_with_interval", "kid_subsets", "kid_with_spread", "set_metrics"]
 
+_KID_WHOLE_KERNEL_ENTRIES = 1 << 26  # kid_subsets: largest whole-set kernel computed at once (float64: 512 MB)
+
 
 @dataclass(frozen=True)
 class ReferenceGeometry:
@@ -40,13 +42,22 @@ class ReferenceGeometry:
 
     def fid(self, features: np.ndarray) -> float:
         """FID of (N, D) features against the reference (N ≥ 2), low-rank when N < D."""
+        x = self._checked(features)
+        return self._fid(x, x @ self.sigma_root)
+
+    def _checked(self, features: np.ndarray) -> np.ndarray:
         x = np.asarray(features, dtype=np.float64)
-        n = x.shape[0]
-        if x.ndim != 2 or n < 2 or x.shape[1] != self.mu.shape[0]:
+        if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] != self.mu.shape[0]:
             raise FIDError(f"need (N ≥ 2, {self.mu.shape[0]}) features, got {x.shape}")
+        return x
+
+    def _fid(self, x: np.ndarray, projected: np.ndarray) -> float:
+        """FID of the rows ``x`` given ``projected`` = x Σ₁^½ (uncentred): Y = (x − x̄)Σ₁^½ is ``projected``
+        minus its column means, so row subsets (the bootstrap) reuse one product instead of a D×D one each."""
+        n = x.shape[0]
         mu = x.mean(0)
         xc = x - mu
-        y = xc @ self.sigma_root
+        y = projected - projected.mean(0)
         gram = (y @ y.T) / (n - 1) if n < x.shape[1] else (y.T @ y) / (n - 1)
         trace_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((gram + gram.T) / 2), 0.0, None)).sum())
         diff = mu - self.mu
@@ -67,12 +78,15 @@ def fid_with_interval(
     lower the rank of the resampled covariance and bias FID upward, so percentile intervals need not
     even contain the estimate at small N — only its spread.
     """
-    value = reference.fid(features)
+    x = reference._checked(features)
+    projected = x @ reference.sigma_root  # once: the resamples are row subsets of it
+    value = reference._fid(x, projected)
     if resamples <= 1:
         return value, value, value
     rng = np.random.default_rng(seed)
-    n = len(features)
-    spread = float(np.std([reference.fid(features[rng.integers(0, n, n)]) for _ in range(resamples)], ddof=1))
+    n = len(x)
+    draws = [rng.integers(0, n, n) for _ in range(resamples)]
+    spread = float(np.std([reference._fid(x[i], projected[i]) for i in draws], ddof=1))
     return value, value - 1.96 * spread, value + 1.96 * spread
 
 
@@ -89,6 +103,10 @@ def kid_subsets(
     Each subset has m = min(N_gen, N_ref, ``max_subset_size``) rows drawn without replacement (generator
     seeded with ``seed``); the estimate of one pair is clean-fid's: (Σ_{i≠j} k(xᵢ,xⱼ) + Σ_{i≠j} k(yᵢ,yⱼ))/(m(m−1))
     − 2 Σ k(xᵢ,yⱼ)/m².
+
+    When the kernel matrices of the whole sets hold fewer entries than the subsets would compute (and
+    at most 2²⁶ of them: 512 MB), they are computed once and the subsets index them — the same sums of
+    the same kernel values, ≈ 3 s less per set at the embedded default's 400 against 1,000 images.
     """
     x_all = np.asarray(reference_features, dtype=np.float64)
     y_all = np.asarray(features, dtype=np.float64)
@@ -98,9 +116,19 @@ def kid_subsets(
         raise FIDError(f"KID needs at least 2 images per set, got {len(y_all)} and {len(x_all)}")
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets)
+    nx, ny = len(x_all), len(y_all)
+    whole = nx * nx + ny * ny + nx * ny
+    if whole <= min(num_subsets * 3 * m * m, _KID_WHOLE_KERNEL_ENTRIES):
+        kxx, kyy, kxy = ((u @ v.T / d + 1) ** 3 for u, v in ((x_all, x_all), (y_all, y_all), (x_all, y_all)))
+        for i in range(num_subsets):
+            ix = rng.choice(nx, m, replace=False)
+            iy = rng.choice(ny, m, replace=False)
+            a = kxx[np.ix_(ix, ix)] + kyy[np.ix_(iy, iy)]
+            values[i] = ((a.sum() - np.diag(a).sum()) / (m - 1) - kxy[np.ix_(ix, iy)].sum() * 2 / m) / m
+        return values
     for i in range(num_subsets):
-        x = x_all[rng.choice(len(x_all), m, replace=False)]
-        y = y_all[rng.choice(len(y_all), m, replace=False)]
+        x = x_all[rng.choice(nx, m, replace=False)]
+        y = y_all[rng.choice(ny, m, replace=False)]
         a = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
         b = (x @ y.T / d + 1) ** 3
         values[i] = ((a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m) / m
