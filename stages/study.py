@@ -57,10 +57,11 @@ def _loader(params: Path) -> ParamsLoader:
 def _study(
     params: Path, study: Path, quick: bool, teacher: Path, data: Path, ref_stats: Path, runs: Path, ckpt: Path
 ) -> Study:
+    cfg = load_study(study)  # first: a bad study file exits 2 before torch loads
+
     from adcm.study.runner import Study, StudyPaths, inception_scorer
 
     load = _loader(params)
-    cfg = load_study(study)
 
     def scorer(p: Params) -> Scorer:
         return inception_scorer(p.score, data, ref_stats)
@@ -146,9 +147,10 @@ def run_all(
     write_report: bool = typer.Option(True, "--report/--no-report", help="Write the report at the end."),
 ) -> None:
     """Every piece not yet in the records, in order (the shared records, then seed by seed every arm), in one process; with --max-minutes it stops cleanly after the piece that crosses the limit, so a session can run the study in slices. Then the report of what is there."""
+    s = _study(params, study, quick, teacher, data, ref_stats, runs_dir, checkpoint_dir)
+
     from adcm.study.report import report_study
 
-    s = _study(params, study, quick, teacher, data, ref_stats, runs_dir, checkpoint_dir)
     progress = s.run(max_minutes=max_minutes)
     if write_report and any(runs_dir.glob("*/*/record.json")):
         report_study(s.load, s.study, quick, runs_dir, out_dir)
@@ -166,9 +168,11 @@ def report(
     out_dir: Path = OUT_OPTION,
 ) -> None:
     """Recompute the report from the records: mean and 95 % t-interval over seeds at the budget, paired differences (arm − baseline), the plateau check, κ against the 2-step metric, the learned Δt(t) against ECT/iCT, and the figures."""
+    cfg = load_study(study)
+
     from adcm.study.report import report_study
 
-    typer.echo(report_study(_loader(params), load_study(study), quick, runs_dir, out_dir))
+    typer.echo(report_study(_loader(params), cfg, quick, runs_dir, out_dir))
 
 
 @study_app.command("compare")

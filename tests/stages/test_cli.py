@@ -96,6 +96,11 @@ def test_a_bad_key_is_refused_before_the_library_loads(tmp_path: Path) -> None:
     out, err = run_cli_and_list_heavy_modules("schedule", "--params", str(tmp_path / "p.yaml"))
     assert "exit 2" in err and "train.lr" in err
     assert out.splitlines()[-1] == "loaded:"
+    (tmp_path / "study.yaml").write_text("arms: 3\n")
+    for command in ("plan", "report"):
+        out, err = run_cli_and_list_heavy_modules("study", command, "--study", str(tmp_path / "study.yaml"))
+        assert "exit 2" in err and "study.yaml" in err, err
+        assert out.splitlines()[-1] == "loaded:"
 
 
 def test_scoring_leaves_torchvision_out() -> None:

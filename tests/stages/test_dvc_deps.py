@@ -23,13 +23,17 @@ PIPELINES = [ROOT / "dvc.yaml", ROOT / "study" / "dvc.yaml"]
 REGISTRATION_ONLY = {"stages/cli.py", "src/adcm/__main__.py"}
 
 _PROBE = """
-import ast, importlib, json, sys
+import ast, importlib, importlib.util, json, sys
 from pathlib import Path
 root = Path(sys.argv[1]).resolve()
 module = importlib.import_module(sys.argv[2])
 for node in ast.walk(ast.parse(Path(module.__file__).read_text(encoding="utf-8"))):
     names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-    names += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+    if isinstance(node, ast.ImportFrom):
+        base = importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
+        names.append(base)
+        if base.split(".")[0] == "adcm" and hasattr(importlib.import_module(base), "__path__"):
+            names += [f"{base}.{a.name}" for a in node.names if importlib.util.find_spec(f"{base}.{a.name}")]
     for name in names:
         if name.split(".")[0] == "adcm":
             importlib.import_module(name)

@@ -52,16 +52,20 @@ class ReferenceGeometry:
         return x
 
     def _fid(self, x: np.ndarray, projected: np.ndarray) -> float:
-        """FID of the rows ``x`` given ``projected`` = x Σ₁^½ (uncentred): Y = (x − x̄)Σ₁^½ is ``projected``
-        minus its column means, so row subsets (the bootstrap) reuse one product instead of a D×D one each."""
+        """FID of the rows ``x`` given ``projected`` = x Σ₁^½ (uncentred), which it centres in place (the
+        caller gives up that array): Y = (x − x̄)Σ₁^½ is ``projected`` minus its column means, so row
+        subsets (the bootstrap) reuse one product instead of a D×D one each."""
         n = x.shape[0]
         mu = x.mean(0)
         xc = x - mu
-        y = projected - projected.mean(0)
+        trace = float(np.einsum("ij,ij->", xc, xc)) / (n - 1)
+        del xc
+        y = projected
+        y -= y.mean(0)
         gram = (y @ y.T) / (n - 1) if n < x.shape[1] else (y.T @ y) / (n - 1)
         trace_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((gram + gram.T) / 2), 0.0, None)).sum())
         diff = mu - self.mu
-        value = float(diff @ diff + self.sigma_trace + (xc * xc).sum() / (n - 1) - 2.0 * trace_sqrt)
+        value = float(diff @ diff + self.sigma_trace + trace - 2.0 * trace_sqrt)
         if not np.isfinite(value):
             raise FIDError(f"Fréchet distance is not finite ({value})")
         return value
@@ -79,14 +83,12 @@ def fid_with_interval(
     even contain the estimate at small N — only its spread.
     """
     x = reference._checked(features)
-    projected = x @ reference.sigma_root  # once: the resamples are row subsets of it
-    value = reference._fid(x, projected)
-    if resamples <= 1:
-        return value, value, value
+    projected = x @ reference.sigma_root  # once: the resamples are row subsets (copies) of it
     rng = np.random.default_rng(seed)
     n = len(x)
-    draws = [rng.integers(0, n, n) for _ in range(resamples)]
-    spread = float(np.std([reference._fid(x[i], projected[i]) for i in draws], ddof=1))
+    draws = [rng.integers(0, n, n) for _ in range(resamples)] if resamples > 1 else []
+    spread = float(np.std([reference._fid(x[i], projected[i]) for i in draws], ddof=1)) if draws else 0.0
+    value = reference._fid(x, projected)  # last: it centres `projected` in place
     return value, value - 1.96 * spread, value + 1.96 * spread
 
 
