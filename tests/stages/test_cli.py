@@ -73,9 +73,9 @@ print("loaded:", *(m for m in heavy if m in sys.modules))
 """
 
 
-def run_cli_and_list_heavy_modules(*args: str, cwd: Path = ROOT) -> tuple[str, str]:
+def run_cli_and_list_heavy_modules(*args: str) -> tuple[str, str]:
     """(stdout, stderr) of `adcm ARGS` in a fresh interpreter; stdout ends with the heavy modules it loaded."""
-    proc = subprocess.run([sys.executable, "-c", _LOADED, *args], capture_output=True, text=True, cwd=cwd, check=True)
+    proc = subprocess.run([sys.executable, "-c", _LOADED, *args], capture_output=True, text=True, cwd=ROOT, check=True)
     return proc.stdout, proc.stderr
 
 
@@ -90,17 +90,18 @@ def test_help_loads_neither_torch_nor_the_library(args: list[str]) -> None:
 def test_a_bad_key_is_refused_before_the_library_loads(tmp_path: Path) -> None:
     data = tiny_params()
     set_key(data, "train.lr", -1.0)
-    out, err = run_cli_and_list_heavy_modules("train", "--params", str(write_params(tmp_path / "p.yaml", data)))
-    assert "exit 2" in err and "train.lr" in err
-    assert out.splitlines()[-1] == "loaded:"
-    out, err = run_cli_and_list_heavy_modules("schedule", "--params", str(tmp_path / "p.yaml"))
-    assert "exit 2" in err and "train.lr" in err
-    assert out.splitlines()[-1] == "loaded:"
-    (tmp_path / "study.yaml").write_text("arms: 3\n")
-    for command in ("plan", "report"):
-        out, err = run_cli_and_list_heavy_modules("study", command, "--study", str(tmp_path / "study.yaml"))
-        assert "exit 2" in err and "study.yaml" in err, err
-        assert out.splitlines()[-1] == "loaded:"
+    params = str(write_params(tmp_path / "p.yaml", data))
+    study = tmp_path / "study.yaml"
+    study.write_text("arms: 3\n")
+    for args, needle in [
+        (["train", "--params", params], "train.lr"),
+        (["schedule", "--params", params], "train.lr"),
+        (["study", "plan", "--study", str(study)], "study.yaml"),
+        (["study", "report", "--study", str(study)], "study.yaml"),
+    ]:
+        out, err = run_cli_and_list_heavy_modules(*args)
+        assert "exit 2" in err and needle in err, (args, err)
+        assert out.splitlines()[-1] == "loaded:", args
 
 
 def test_scoring_leaves_torchvision_out() -> None:
