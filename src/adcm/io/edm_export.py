@@ -11,6 +11,11 @@ comment only (this project's importer never reads it; EDM's own loader, which ex
 rebuild these objects). :func:`adcm.io.edm_pickle.load_edm_pickle` reads the file back to the same
 weights, which is how the embedded default's pretrained teacher is shipped and checked.
 
+The file is a function of the weights and settings alone: PyTorch names each storage inside the pickle
+by its memory address, which this writer replaces by the storage's index (:class:`_SnapshotPickler`),
+so the same teacher always gives the same bytes and a teacher trained again can be compared with a
+shipped one by the SHA-256 that ``adcm export`` prints.
+
 Writing needs the names ``torch_utils.persistence`` and ``dnnlib.util`` to resolve while pickling:
 they are registered as empty stand-in modules for the duration of the dump and removed afterwards.
 """
@@ -21,6 +26,7 @@ import contextlib
 import io
 import math
 import pickle
+import struct
 import sys
 import types
 from collections import OrderedDict
@@ -84,6 +90,55 @@ class _Persistent:
             "state": self.state,
         }
         return (self.constructor, (meta,), None)
+
+
+class _SnapshotPickler(pickle.Pickler):
+    """A pickler whose output depends on the weights alone: the same teacher gives the same bytes.
+
+    PyTorch pickles each storage as ``torch.storage._load_from_bytes(payload)``, the payload a legacy-format
+    ``torch.save`` of the storage, which names the storage by its memory address (``str(storage._cdata)``,
+    twice: in the storage's persistent id and in the list of keys). Two exports of the same weights then
+    differ, and a teacher trained again bit-identically could not be recognised by its file's SHA-256. This
+    pickler writes the same payloads with the address replaced by the storage's index in the file ("0",
+    "1", …): the format is unchanged (the key only pairs the persistent id with its bytes inside one
+    payload; PyTorch and :mod:`adcm.io.edm_pickle` read it as before).
+    """
+
+    def __init__(self, file: io.BytesIO, protocol: int):
+        super().__init__(file, protocol=protocol)
+        self._storages = 0
+
+    def reducer_override(self, obj: Any) -> Any:
+        """Storages: a legacy payload keyed by their index; everything else: the usual reduction."""
+        if not isinstance(obj, torch.storage.TypedStorage):
+            return NotImplemented
+        function, (payload,) = obj.__reduce__()
+        key = str(self._storages).encode()
+        self._storages += 1
+        storage = obj._untyped_storage
+        return function, (_rekeyed_payload(payload, storage.nbytes(), str(storage._cdata).encode(), key),)
+
+
+def _rekeyed_payload(payload: bytes, nbytes: int, old: bytes, new: bytes) -> bytes:
+    """``payload`` (legacy ``torch.save`` of one storage of ``nbytes`` bytes) with storage key ``old`` renamed ``new``.
+
+    The payload is pickles (protocol 2) followed by the storage: an 8-byte element count, then its
+    ``nbytes`` bytes. The key is a BINUNICODE string (``X``, 4-byte little-endian length, UTF-8) that
+    occurs twice in the pickles — the storage's persistent id and the list of keys — and is renamed
+    there only; protocol 2 has no frame lengths, so a string of another length is a valid replacement.
+
+    Raises:
+        RuntimeError: the key does not occur exactly twice (a ``torch.save`` layout this code does not know).
+    """
+    split = len(payload) - nbytes - 8
+    head, storage = payload[:split], payload[split:]
+
+    def binunicode(text: bytes) -> bytes:
+        return b"X" + struct.pack("<I", len(text)) + text
+
+    if split < 0 or head.count(binunicode(old)) != 2:
+        raise RuntimeError("torch.save wrote a storage payload of an unexpected layout")
+    return head.replace(binunicode(old), binunicode(new)) + storage
 
 
 def _record(args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -181,5 +236,5 @@ def save_edm_snapshot(teacher: TeacherFile, path: Path) -> None:
             "dataset_kwargs": None,
         }
         with torch.no_grad():
-            pickle.Pickler(buffer, protocol=4).dump(snapshot)
+            _SnapshotPickler(buffer, protocol=4).dump(snapshot)
     atomic_write_bytes(path, buffer.getvalue())
