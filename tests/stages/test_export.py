@@ -10,6 +10,7 @@ from conftest import tiny_params, write_params
 from typer.testing import CliRunner
 
 from adcm.config import parse_params
+from adcm.errors import CheckpointError
 from adcm.io.datasets import write_prepared
 from adcm.io.files import sha256_file
 from adcm.io.model_files import TeacherFile, load_teacher, save_teacher
@@ -92,7 +93,10 @@ def test_the_same_weights_give_the_same_file_and_pytorch_reads_it(tmp_path: Path
     )
     save_edm_snapshot(clone, tmp_path / "b.pkl")  # other tensors (other addresses), same values
     save_edm_snapshot(_tiny_teacher(1), tmp_path / "c.pkl")
+    save_teacher(tmp_path / "teacher.pt", teacher)  # through a file: equal strings, other objects than the literals
+    save_edm_snapshot(load_teacher(tmp_path / "teacher.pt"), tmp_path / "d.pkl")
     assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
+    assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "d.pkl").read_bytes()
     assert sha256_file(tmp_path / "a.pkl") != sha256_file(tmp_path / "c.pkl")
 
     class Unpickler(pickle.Unpickler):  # EDM's loader, its class reconstruction replaced by the recorded state
@@ -130,5 +134,5 @@ def test_a_storage_payload_of_another_layout_is_refused() -> None:
     renamed = _rekeyed_payload(payload, storage.nbytes(), key, b"0")
     assert key not in renamed and len(renamed) == len(payload) - 2 * (len(key) - 1)
     assert torch.load(io.BytesIO(renamed), weights_only=False).tolist() == [0.0, 1.0, 2.0, 3.0]
-    with pytest.raises(RuntimeError, match="unexpected layout"):
+    with pytest.raises(CheckpointError, match="layout this writer does not know"):
         _rekeyed_payload(payload, storage.nbytes(), b"123", b"0")

@@ -13,8 +13,10 @@ weights, which is how the embedded default's pretrained teacher is shipped and c
 
 The file is a function of the weights and settings alone: PyTorch names each storage inside the pickle
 by its memory address, which this writer replaces by the storage's index (:class:`_SnapshotPickler`),
-so the same teacher always gives the same bytes and a teacher trained again can be compared with a
-shipped one by the SHA-256 that ``adcm export`` prints.
+and the settings' strings are interned (pickle writes a string once per object), so the same teacher
+gives the same bytes whether it was built in memory or read from a file, and a teacher trained again
+can be compared with a shipped one by the SHA-256 that ``adcm export`` prints (for one PyTorch version:
+the storage payloads are PyTorch's serialisation).
 
 Writing needs the names ``torch_utils.persistence`` and ``dnnlib.util`` to resolve while pickling:
 they are registered as empty stand-in modules for the duration of the dump and removed afterwards.
@@ -23,6 +25,7 @@ they are registered as empty stand-in modules for the duration of the dump and r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import pickle
@@ -128,7 +131,7 @@ def _rekeyed_payload(payload: bytes, nbytes: int, old: bytes, new: bytes) -> byt
     there only; protocol 2 has no frame lengths, so a string of another length is a valid replacement.
 
     Raises:
-        RuntimeError: the key does not occur exactly twice (a ``torch.save`` layout this code does not know).
+        CheckpointError: the key does not occur exactly twice (a ``torch.save`` layout this code does not know).
     """
     split = len(payload) - nbytes - 8
     head, storage = payload[:split], payload[split:]
@@ -137,8 +140,19 @@ def _rekeyed_payload(payload: bytes, nbytes: int, old: bytes, new: bytes) -> byt
         return b"X" + struct.pack("<I", len(text)) + text
 
     if split < 0 or head.count(binunicode(old)) != 2:
-        raise RuntimeError("torch.save wrote a storage payload of an unexpected layout")
+        raise CheckpointError("torch.save wrote a storage payload of a layout this writer does not know")
     return head.replace(binunicode(old), binunicode(new)) + storage
+
+
+def _interned(value: Any) -> Any:
+    """``value`` with every string in it (dict keys, list and tuple items, recursively) replaced by its interned one."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return type(value)((_interned(k), _interned(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_interned(v) for v in value)
+    return value
 
 
 def _record(args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -192,6 +206,9 @@ def save_edm_snapshot(teacher: TeacherFile, path: Path) -> None:
         raise CheckpointError(
             f"{path}: only a VE (EDM) teacher can be written as an EDM snapshot, not a {teacher.process} one"
         )
+    # Pickle writes a string once per object: intern the settings (and so the network's attributes built from
+    # them) so that equal strings are one object whether the teacher was built here or read from a file.
+    teacher = dataclasses.replace(teacher, network_kwargs=_interned(dict(teacher.network_kwargs)))
     net = teacher.denoiser()
     kwargs = dict(teacher.network_kwargs)
     if kwargs.pop("adaptive_double_norm", False):
