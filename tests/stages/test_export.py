@@ -21,12 +21,16 @@ from adcm.train.runs import network_kwargs_for
 runner = CliRunner()
 
 
+def _tiny_teacher(seed: int) -> TeacherFile:
+    kwargs = network_kwargs_for(parse_params(tiny_params()).teacher.network, 8, 1, 0)
+    torch.manual_seed(seed)
+    return TeacherFile(kwargs, 0.5, denoiser(kwargs, 0.5).state_dict(), {"source": "train"})
+
+
 def test_export_then_import_round_trips_and_checks_the_hash(tmp_path: Path) -> None:
     from conftest import synthetic_dataset
 
-    kwargs = network_kwargs_for(parse_params(tiny_params()).teacher.network, 8, 1, 0)
-    torch.manual_seed(0)
-    original = TeacherFile(kwargs, 0.5, denoiser(kwargs, 0.5).state_dict(), {"source": "train"})
+    original = _tiny_teacher(0)
     save_teacher(tmp_path / "teacher.pt", original)
     pkl = tmp_path / "teacher.pkl"
     result = runner.invoke(app, ["export", "--teacher", str(tmp_path / "teacher.pt"), "--out", str(pkl)])
@@ -71,12 +75,6 @@ def test_export_then_import_round_trips_and_checks_the_hash(tmp_path: Path) -> N
     assert imported.process == "ve" and imported.meta["pickle_sha256"] == digest
     for name, value in original.state_dict.items():
         assert torch.equal(imported.state_dict[name], value), name
-
-
-def _tiny_teacher(seed: int) -> TeacherFile:
-    kwargs = network_kwargs_for(parse_params(tiny_params()).teacher.network, 8, 1, 0)
-    torch.manual_seed(seed)
-    return TeacherFile(kwargs, 0.5, denoiser(kwargs, 0.5).state_dict(), {"source": "train"})
 
 
 def test_the_same_weights_give_the_same_file_and_pytorch_reads_it(tmp_path: Path) -> None:
