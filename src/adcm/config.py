@@ -326,7 +326,10 @@ class TrainConfig:
     )
     optimizer: Literal["radam", "adam"] = param("optimizer")
     lr: float = param("learning rate", gt=0)
-    lr_schedule: Literal["constant", "rsqrt"] = param("constant, or rsqrt: lr/sqrt(max(iteration/lr_ref_iters, 1))")
+    lr_schedule: Literal["constant", "rsqrt", "cosine"] = param(
+        "constant; rsqrt: lr/sqrt(max(iteration/lr_ref_iters, 1)); cosine: lr·(1 + cos(π·iteration/iterations))/2, "
+        "annealed to 0 at the run's end (a fraction of the run, like every other schedule)"
+    )
     lr_ref_iters: int = param("iterations before the rsqrt decay starts (lr_schedule: rsqrt)", gt=0)
     beta2: float = param("second-moment decay β₂ of Adam/RAdam", gt=0, lt=1)
     ema_beta: float | None = param(

@@ -67,7 +67,10 @@ class LoopSettings:
         beta2: second-moment decay.
         ema: the EMA rule.
         lr_rampup_kimg: linear warm-up of the learning rate over this many kimg (0 = none).
-        lr_schedule: ``constant``, or ``rsqrt``: lr/sqrt(max(step/lr_ref_iters, 1)) (EDM2, ECT ImageNet).
+        lr_schedule: ``constant``; ``rsqrt``: lr/sqrt(max(step/lr_ref_iters, 1)) (EDM2, ECT ImageNet);
+            ``cosine``: lr·(1 + cos(π·step/total_steps))/2, from lr at the first step to 0 at the run's end
+            (a fraction of the run, so it depends on the duration: a longer run is not the continuation of a
+            shorter one).
         lr_ref_iters: steps before the rsqrt decay starts.
         xflip: random horizontal flips of the data.
         log_every_kimg, checkpoint_every_kimg: periods, rounded to whole steps (at least one).
@@ -86,7 +89,7 @@ class LoopSettings:
     beta2: float
     ema: EMARule
     lr_rampup_kimg: float = 0.0
-    lr_schedule: Literal["constant", "rsqrt"] = "constant"
+    lr_schedule: Literal["constant", "rsqrt", "cosine"] = "constant"
     lr_ref_iters: int = 1
     xflip: bool = False
     log_every_kimg: float = 1.0
@@ -111,6 +114,8 @@ class LoopSettings:
             lr *= min(step * self.batch_size / (self.lr_rampup_kimg * 1000), 1.0)
         if self.lr_schedule == "rsqrt":
             lr /= math.sqrt(max(step / self.lr_ref_iters, 1.0))
+        elif self.lr_schedule == "cosine":
+            lr *= 0.5 * (1.0 + math.cos(math.pi * min(step / self.total_steps, 1.0)))
         return lr
 
 
