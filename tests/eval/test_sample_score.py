@@ -237,6 +237,27 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
         assert metrics[f"fid_{name}_ci95_low"] <= metrics[f"fid_{name}"] <= metrics[f"fid_{name}_ci95_high"]
         assert f"kid_{name}" in metrics and metrics[f"kid_{name}_std"] >= 0
     assert metrics["count_data"] == 4
+    # `adcm features` then `adcm score --features`: the pipeline's way, the same metrics to the bit.
+    feature_sets = []
+    for i in range(0, len(sets), 2):
+        name, file = sets[i + 1].split("=")
+        out = tmp_path / "features" / f"{name}.npz"
+        result = runner.invoke(
+            app,
+            ["features", "--params", str(params), "--samples", file, "--out", str(out), "--no-progress"],
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        feature_sets += ["--features", f"{name}={out}"]
+    score_args = ["score", "--params", str(params), "--data", str(data), "--ref-stats", str(ref), "--no-progress"]
+    result = runner.invoke(
+        app, [*score_args, "--metrics", str(tmp_path / "score2.json"), *feature_sets], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "score2.json").read_text()) == metrics
+    # A set named twice is refused before anything is written (other weights or modes: test_features.py).
+    twice = runner.invoke(app, [*score_args, "--metrics", str(tmp_path / "s3.json"), *sets[:2], *feature_sets[:2]])
+    assert twice.exit_code == 2 and "used twice" in twice.output and not (tmp_path / "s3.json").exists()
     # The data floor's features come from the reference, extracted once by `adcm reference`.
     with np.load(ref) as archive:
         floor = archive["floor_features"]
