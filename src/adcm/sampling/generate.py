@@ -80,14 +80,16 @@ class HeunSampler:
 Sampler = ConsistencySampler | HeunSampler
 
 
-def student_sampler(student: StudentFile, steps: int, t_mid_sigma: float) -> ConsistencySampler:
-    """1- or 2-step sampling of ``student`` in its own process; ``t_mid_sigma`` is the intermediate
+def student_sampler(student: StudentFile, steps: int, t_mid_sigma: float | None = None) -> ConsistencySampler:
+    """1- or 2-step sampling of ``student`` in its own process; ``t_mid_sigma`` (2 steps only) is the intermediate
     point as a VE σ (noise-to-signal ratio), converted to the process's time."""
     if steps not in (1, 2):
         raise ValueError(f"steps must be 1 or 2, got {steps}")
     process = student.sampling_process()
     if steps == 1:
         return ConsistencySampler(process)
+    if t_mid_sigma is None:
+        raise ValueError("2-step sampling needs t_mid_sigma")
     t_mid = float(process.time_from_noise_to_signal(torch.tensor(t_mid_sigma, dtype=torch.float64)))
     return ConsistencySampler(process, (t_mid,))
 
