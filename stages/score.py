@@ -223,6 +223,8 @@ def _features(
 
 def register(app: typer.Typer) -> None:
     """Add the commands to the ``adcm`` app."""
-    app.command("reference", epilog=params_epilog("score"))(reference)
-    app.command("features", epilog=params_epilog("score"))(features)
+    extraction = ("score.device", "score.fid_mode", "score.inception_path", "score.batch_size")
+    reference_keys = (*extraction, "score.reference_count", "score.reference_file", "score.floor_images")
+    app.command("reference", epilog=params_epilog(*reference_keys))(reference)
+    app.command("features", epilog=params_epilog(*extraction))(features)
     app.command("score", epilog=params_epilog("score"))(score)

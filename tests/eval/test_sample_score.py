@@ -322,6 +322,11 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path, monkeypatch: pyte
     for stage, keys in read.items():
         declared = _declared_params(stage if stage != "features" else "features@1step")
         assert keys and all(_covered(k, declared) for k in keys), (stage, sorted(keys), sorted(declared))
+    help_keys = {c.name: c.epilog.splitlines()[0] for c in app.registered_commands if c.name and c.epilog}
+    command_of = {"fid_reference": "reference", "features": "features", "score": "score"}
+    for stage, keys in read.items():  # ... and `adcm <command> --help` lists each of them
+        listed = set(help_keys[command_of.get(stage, "sample")].partition("(")[2].rstrip("):").split(", "))
+        assert all(_covered(k, listed) for k in keys), (stage, sorted(keys), sorted(listed))
     assert "sample.t_mid.adcm" in read["sample@2step"] and not any("t_mid" in k for k in read["sample@teacher"])
     assert not _covered("sample.t_mid", _declared_params("sample@teacher"))
     assert not _covered("score.kid_subsets", _declared_params("fid_reference") | _declared_params("features@2step"))
