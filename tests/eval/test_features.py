@@ -56,7 +56,7 @@ def test_images_digest_depends_on_every_pixel_and_the_shape_not_on_the_file(tmp_
 
 @pytest.mark.parametrize(
     ("used", "message"),
-    [(LEGACY, "in FID mode clean, not legacy_tensorflow"), (OTHER_WEIGHTS, "with other weights")],
+    [(LEGACY, "in FID mode 'clean', not 'legacy_tensorflow'"), (OTHER_WEIGHTS, "with other weights")],
 )
 def test_features_of_another_extractor_are_refused(tmp_path: Path, used: str, message: str) -> None:
     write_features(tmp_path / "f.npz", _features(), CLEAN, "d" * 64)
@@ -89,6 +89,12 @@ def _meta(**change: object) -> np.ndarray:
         ({"features": _features().astype(np.int32), "meta": _meta()}, "float32 or float64"),
         ({"features": np.zeros(5, np.float32), "meta": _meta()}, "float32 or float64"),
         ({"features": np.full((5, 7), np.nan, np.float32), "meta": _meta()}, "NaN"),
+        ({"features": np.zeros((5, 0), np.float32), "meta": _meta()}, "D ≥ 1"),
+        ({"features": _features().astype(np.float32), "meta": _meta(count=5.0)}, "declares 5.0 images"),
+        (
+            {"features": _features().astype(np.float32), "meta": np.array('{"a":' + "[" * 2000 + "]" * 2000 + "}")},
+            "nested too deeply",
+        ),
     ],
 )
 def test_malformed_files_are_refused_with_one_line(tmp_path: Path, arrays: dict, message: str) -> None:
@@ -113,6 +119,25 @@ def test_pickled_and_oversized_members_are_refused_before_reading(tmp_path: Path
             archive.writestr("meta.npy", meta.getvalue())
     with pytest.raises(FIDError, match="declares shape"):
         load_features(tmp_path / "big.npz", CLEAN)
+
+
+def test_compressed_records_are_refused_before_anything_is_inflated(tmp_path: Path) -> None:
+    with open(tmp_path / "c.npz", "wb") as handle:
+        np.savez_compressed(handle, features=_features().astype(np.float32), meta=np.array("x" * 10**6))
+    with pytest.raises(FIDError, match="compressed record"):
+        load_features(tmp_path / "c.npz", CLEAN)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(FIDError, match="corrupt"):
+        load_features(tmp_path / "junk.npz", CLEAN)
+
+
+def test_a_foreign_mode_name_cannot_break_the_one_line_error(tmp_path: Path) -> None:
+    path = _write_raw(
+        tmp_path / "f.npz", features=_features().astype(np.float32), meta=_meta(extractor="x", fid_mode="a\nb")
+    )
+    with pytest.raises(FIDError, match="in FID mode") as info:
+        load_features(path, CLEAN)
+    assert "\n" not in str(info.value)
 
 
 def test_missing_file_and_bad_features_are_refused(tmp_path: Path) -> None:

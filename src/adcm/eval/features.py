@@ -10,15 +10,17 @@ re-runs the arithmetic.
 A feature file (:func:`write_features`) is an ``.npz`` holding ``features`` (N, D) — float32 when that
 is exact, as it is for the Inception network's float32 output, else float64 — and ``meta``, a JSON
 string naming the extractor (FID mode and the weights' SHA-1), the number of images and the SHA-256 of
-the images themselves (:func:`images_sha256`). :func:`load_features` refuses a file made with other
-Inception weights or in another FID mode than the scoring run's, and parses it as untrusted input:
-sizes checked before reading, no pickles, JSON of bounded length, finite values only.
+the images themselves (:func:`images_sha256`, a record of which images they describe: DVC's dependencies are what
+tie a feature file to its set). :func:`load_features` refuses a file made with other Inception weights or in
+another FID mode than the scoring run's, and parses it as untrusted input: uncompressed records only, sizes
+checked before reading, no pickles, JSON of bounded length and depth, finite values only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,17 +82,33 @@ def write_features(path: Path, features: np.ndarray, extractor_id: str, images_d
         np.savez(handle, features=stored, meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
+def _check_stored(path: Path) -> None:
+    """Refuse a feature file with a compressed record: :func:`write_features` never compresses, and a stored
+    record is memory-mapped after its declared size is checked, so nothing is inflated before it is checked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise FIDError(f"{path}: corrupt .npz file ({type(exc).__name__}: {exc})") from exc
+    if packed:
+        raise FIDError(f"{path}: compressed record {packed[0]!r}; `adcm features` writes feature files uncompressed")
+
+
 def load_features(path: Path, extractor_id: str) -> FeatureSet:
     """The features stored at ``path`` by :func:`write_features`, as float64, if they were extracted by
     ``extractor_id`` (the same FID mode and Inception weights).
 
+    The images' SHA-256 is returned, not checked: it records which images the features describe, while DVC's
+    dependencies tie each file to its set in the pipeline.
+
     Raises:
-        FIDError: the file is missing, corrupt or malformed, or was made with another FID mode or other
-            weights (one line naming the file and saying how to extract them again).
+        FIDError: the file is missing, corrupt, compressed or malformed, or was made with another FID mode or
+            other weights (one line naming the file and saying how to extract them again).
     """
     path = Path(path)
     if not path.is_file():
         raise FIDError(f"{path}: features not found; extract them with `adcm features`")
+    _check_stored(path)
     try:
         meta_text = map_npz_array(path, "meta")
         if meta_text.shape != () or meta_text.dtype.kind != "U" or meta_text.dtype.itemsize > 4 * _MAX_META_CHARS:
@@ -101,7 +119,9 @@ def load_features(path: Path, extractor_id: str) -> FeatureSet:
         made_with = meta.get("extractor")
         if made_with != extractor_id:
             made_mode, wanted_mode = meta.get("fid_mode"), identity_mode(extractor_id)
-            what = f"in FID mode {made_mode}, not {wanted_mode}" if made_mode != wanted_mode else "with other weights"
+            what = (
+                f"in FID mode {made_mode!r}, not {wanted_mode!r}" if made_mode != wanted_mode else "with other weights"
+            )
             again = "extract them again with `adcm features`"
             raise FIDError(f"{path}: features extracted {what} ({made_with!r}); {again}")
         features = map_npz_array(path, "features")
@@ -109,11 +129,14 @@ def load_features(path: Path, extractor_id: str) -> FeatureSet:
         raise FIDError(str(exc)) from exc
     except json.JSONDecodeError as exc:
         raise FIDError(f"{path}: 'meta' is not JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise FIDError(f"{path}: 'meta' is nested too deeply") from exc
     count, digest = meta.get("count"), meta.get("images_sha256")
-    if features.dtype not in (np.float32, np.float64) or features.ndim != 2 or len(features) < 2:
+    dtype_ok = features.dtype in (np.float32, np.float64)
+    if not dtype_ok or features.ndim != 2 or len(features) < 2 or features.shape[1] < 1:
         got = f"{features.dtype} {features.shape}"
-        raise FIDError(f"{path}: 'features' must be float32 or float64 (N ≥ 2, D), got {got}")
-    if count != len(features):
+        raise FIDError(f"{path}: 'features' must be float32 or float64 (N ≥ 2, D ≥ 1), got {got}")
+    if type(count) is not int or count != len(features):
         raise FIDError(f"{path}: declares {count!r} images but holds {len(features)} feature rows")
     if not isinstance(digest, str):
         raise FIDError(f"{path}: 'meta' has no images_sha256")
