@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from adcm.errors import FIDError
-from adcm.eval.features import images_sha256, load_features, write_features
+from adcm.eval.features import images_sha256, load_features, read_meta, write_features
 from adcm.eval.fid import weights_identity
 
 CLEAN = weights_identity("a" * 40, "clean")
@@ -129,6 +129,16 @@ def test_compressed_records_are_refused_before_anything_is_inflated(tmp_path: Pa
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
     with pytest.raises(FIDError, match="corrupt"):
         load_features(tmp_path / "junk.npz", CLEAN)
+
+
+def test_an_oversized_meta_is_refused_from_its_zip_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adcm.eval.features as features_module
+
+    with open(tmp_path / "m.npz", "wb") as handle:  # 400 kB of text, a few hundred bytes compressed
+        np.savez_compressed(handle, meta=np.array("x" * 100_000))
+    monkeypatch.setattr(features_module, "map_npz_array", lambda *_: pytest.fail("the record was read"))
+    with pytest.raises(FIDError, match="'meta' is not a JSON string of at most 4096 characters"):
+        read_meta(tmp_path / "m.npz")
 
 
 def test_a_foreign_mode_name_cannot_break_the_one_line_error(tmp_path: Path) -> None:

@@ -510,6 +510,7 @@ def test_hostile_precomputed_files_are_refused(prepared_8px: Path, tmp_path: Pat
     assert "JSON object" in attempt("list", meta=np.array("[1, 2]"))
     assert "'meta' is not a JSON string" in attempt("long", meta=np.array("x" * 5000))
     assert "'meta' is not a JSON string" in attempt("bytes", meta=np.zeros(3))
+    assert "nested too deeply" in attempt("deep", meta=np.array('{"a":' + "[" * 2000 + "]" * 2000 + "}"))
     meta = json.loads(str(good["meta"]))
     fewer = json.dumps({**meta, "count": 19, "kept_features": 19})  # the same request, one image short
     short = attempt("fewer", meta=np.array(fewer), features=good["features"][:19])

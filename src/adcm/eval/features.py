@@ -23,6 +23,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,9 +32,10 @@ from adcm.eval.fid import identity_mode
 from adcm.io.datasets import map_npz_array
 from adcm.io.files import atomic_path
 
-__all__ = ["FeatureSet", "images_sha256", "load_features", "write_features"]
+__all__ = ["FeatureSet", "images_sha256", "load_features", "read_meta", "write_features"]
 
 _MAX_META_CHARS = 4096
+_MAX_NPY_HEADER = 65536  # a .npy header is at most 64 KiB in format 2 and 3
 _CHUNK_ROWS = 256
 
 
@@ -82,6 +84,38 @@ def write_features(path: Path, features: np.ndarray, extractor_id: str, images_d
         np.savez(handle, features=stored, meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
+def read_meta(path: Path, key: str = "meta", max_chars: int = _MAX_META_CHARS) -> dict[str, Any]:
+    """The JSON object an untrusted ``.npz`` stores as the 0-d string array ``key`` (how feature files and
+    precomputed references record what they were made from), read in bounded memory and time: a record larger
+    than ``max_chars`` characters is refused from its zip header before it is read, and deeply nested JSON is
+    refused rather than overflowing the parser's recursion.
+
+    Raises:
+        FIDError: not a JSON object of at most ``max_chars`` characters (one line naming the file and key).
+        DatasetError: a missing or corrupt file, or no array ``key`` (:func:`~adcm.io.datasets.map_npz_array`).
+    """
+    bad = FIDError(f"{path}: {key!r} is not a JSON string of at most {max_chars} characters")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = {i.filename: i.file_size for i in archive.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: corrupt .npz file ({type(exc).__name__}: {exc})") from exc
+    if sizes.get(f"{key}.npy", 0) > 4 * max_chars + _MAX_NPY_HEADER:
+        raise bad
+    text = map_npz_array(path, key)
+    if text.shape != () or text.dtype.kind != "U" or text.dtype.itemsize > 4 * max_chars:
+        raise bad
+    try:
+        meta = json.loads(str(text))
+    except json.JSONDecodeError as exc:
+        raise FIDError(f"{path}: {key!r} is not JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise FIDError(f"{path}: {key!r} is nested too deeply") from exc
+    if not isinstance(meta, dict):
+        raise FIDError(f"{path}: {key!r} is not a JSON object")
+    return meta
+
+
 def _check_stored(path: Path) -> None:
     """Refuse a feature file with a compressed record: :func:`write_features` never compresses, and a stored
     record is memory-mapped after its declared size is checked, so nothing is inflated before it is checked."""
@@ -110,12 +144,7 @@ def load_features(path: Path, extractor_id: str) -> FeatureSet:
         raise FIDError(f"{path}: features not found; extract them with `adcm features`")
     _check_stored(path)
     try:
-        meta_text = map_npz_array(path, "meta")
-        if meta_text.shape != () or meta_text.dtype.kind != "U" or meta_text.dtype.itemsize > 4 * _MAX_META_CHARS:
-            raise FIDError(f"{path}: 'meta' is not a JSON string of at most {_MAX_META_CHARS} characters")
-        meta = json.loads(str(meta_text))
-        if not isinstance(meta, dict):
-            raise FIDError(f"{path}: 'meta' is not a JSON object")
+        meta = read_meta(path)
         made_with = meta.get("extractor")
         if made_with != extractor_id:
             made_mode, wanted_mode = meta.get("fid_mode"), identity_mode(extractor_id)
@@ -127,10 +156,6 @@ def load_features(path: Path, extractor_id: str) -> FeatureSet:
         features = map_npz_array(path, "features")
     except DatasetError as exc:
         raise FIDError(str(exc)) from exc
-    except json.JSONDecodeError as exc:
-        raise FIDError(f"{path}: 'meta' is not JSON ({exc.msg})") from exc
-    except RecursionError as exc:
-        raise FIDError(f"{path}: 'meta' is nested too deeply") from exc
     count, digest = meta.get("count"), meta.get("images_sha256")
     dtype_ok = features.dtype in (np.float32, np.float64)
     if not dtype_ok or features.ndim != 2 or len(features) < 2 or features.shape[1] < 1:

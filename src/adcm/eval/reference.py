@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from adcm.errors import DatasetError, FIDError
+from adcm.eval.features import read_meta
 from adcm.eval.fid import (
     Extractor,
     FeatureAccumulator,
@@ -271,12 +272,7 @@ def load_precomputed(
         raise FIDError(f"score.reference_file: {path} not found; set it to null to compute the reference")
     wanted = _identity(data_path, count, extractor_id)
     try:
-        meta_text = map_npz_array(path, "meta")
-        if meta_text.shape != () or meta_text.dtype.kind != "U" or meta_text.dtype.itemsize > 4 * _MAX_META_CHARS:
-            raise FIDError(f"{path}: 'meta' is not a JSON string of at most {_MAX_META_CHARS} characters")
-        meta = json.loads(str(meta_text))
-        if not isinstance(meta, dict):
-            raise FIDError(f"{path}: 'meta' is not a JSON object")
+        meta = read_meta(path, max_chars=_MAX_META_CHARS)
         mismatch = _check_identity(path, meta, {**wanted, "floor_count": floor_count}, extractor_id)
         if mismatch is not None:
             return mismatch
@@ -287,8 +283,6 @@ def load_precomputed(
         floor = _precomputed_array(path, "floor_features", floor_count) if floor_count else None
     except DatasetError as exc:
         raise FIDError(str(exc)) from exc
-    except json.JSONDecodeError as exc:
-        raise FIDError(f"{path}: 'meta' is not JSON ({exc.msg})") from exc
     if floor is not None and floor.shape[1] != features.shape[1]:
         raise FIDError(f"{path}: floor features of width {floor.shape[1]}, reference features of {features.shape[1]}")
     mu, sigma = feature_stats(features)
