@@ -110,7 +110,7 @@ def features(
     images = map_npz_array(samples, "images")
     digest = images_sha256(images)
     extractor = build_extractor(weights, device, cfg.fid_mode)
-    write_features(out, _features(samples.stem, samples, extractor, cfg.batch_size, device, progress), identity, digest)
+    write_features(out, _features(samples.stem, images, extractor, cfg.batch_size, device, progress), identity, digest)
     typer.echo(f"features of {len(images)} images of {samples} → {out}")
 
 
@@ -162,6 +162,7 @@ def score(
     from adcm.eval.fid import build_extractor, resolve_inception_weights
     from adcm.eval.metrics import ReferenceGeometry, set_metrics
     from adcm.eval.reference import load_reference
+    from adcm.io.datasets import map_npz_array
     from adcm.io.files import write_json
 
     device = resolve_device(cfg.device, "score.device")
@@ -170,16 +171,17 @@ def score(
     )
     ref = load_reference(ref_stats, data, cfg.reference_count, identity, cfg.floor_images)
     stored = {name: load_features(path, identity).features for name, (opt, path) in sets.items() if opt == "--features"}
+    images = {name: map_npz_array(path, "images") for name, (opt, path) in sets.items() if opt == "--samples"}
     geometry = ReferenceGeometry.from_stats(ref.mu, ref.sigma)
-    extractor = build_extractor(weights, device, cfg.fid_mode) if len(stored) < len(sets) else None
     result: dict[str, object] = {"reference_count": ref.count, "extractor": identity, "fid_mode": cfg.fid_mode}
+    extractor = build_extractor(weights, device, cfg.fid_mode) if images else None
     features_of: dict[str, Callable[[], np.ndarray]] = {}
-    for name, (option, path) in sets.items():
-        if option == "--features":
-            features_of[name] = partial(stored.__getitem__, name)
+    for name in sets:  # in the order given, as metrics/score.json lists them
+        if name in stored:
+            features_of[name] = partial(np.asarray, stored[name])
         else:
             assert extractor is not None
-            features_of[name] = partial(_features, name, path, extractor, cfg.batch_size, device, progress)
+            features_of[name] = partial(_features, name, images[name], extractor, cfg.batch_size, device, progress)
     if ref.floor_features is not None:  # the data floor: held-out images, extracted once by `adcm reference`
         features_of["data"] = partial(np.asarray, ref.floor_features)
     for name, features_fn in features_of.items():
@@ -206,12 +208,10 @@ def score(
 
 
 def _features(
-    name: str, path: Path, extractor: Extractor, batch_size: int, device: torch.device, progress: bool
+    name: str, images: np.ndarray, extractor: Extractor, batch_size: int, device: torch.device, progress: bool
 ) -> np.ndarray:
     from adcm.eval.fid import image_features
-    from adcm.io.datasets import map_npz_array
 
-    images = map_npz_array(path, "images")
     with _bar(f"features {name}", progress) as bar:
         task = bar.add_task(name, total=len(images))
 

@@ -84,23 +84,31 @@ def write_features(path: Path, features: np.ndarray, extractor_id: str, images_d
         np.savez(handle, features=stored, meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
-def read_meta(path: Path, key: str = "meta", max_chars: int = _MAX_META_CHARS) -> dict[str, Any]:
+def read_meta(
+    path: Path, key: str = "meta", max_chars: int = _MAX_META_CHARS, *, stored_only: bool = False
+) -> dict[str, Any]:
     """The JSON object an untrusted ``.npz`` stores as the 0-d string array ``key`` (how feature files and
     precomputed references record what they were made from), read in bounded memory and time: a record larger
     than ``max_chars`` characters is refused from its zip header before it is read, and deeply nested JSON is
-    refused rather than overflowing the parser's recursion.
+    refused rather than overflowing the parser's recursion. With ``stored_only`` any compressed record of the
+    file is refused in the same pass over the zip directory (a stored record is memory-mapped after its declared
+    size is checked, so nothing is inflated before it is checked).
 
     Raises:
-        FIDError: not a JSON object of at most ``max_chars`` characters (one line naming the file and key).
+        FIDError: not a JSON object of at most ``max_chars`` characters, or a compressed record with
+            ``stored_only`` (one line naming the file).
         DatasetError: a missing or corrupt file, or no array ``key`` (:func:`~adcm.io.datasets.map_npz_array`).
     """
     bad = FIDError(f"{path}: {key!r} is not a JSON string of at most {max_chars} characters")
     try:
         with zipfile.ZipFile(path) as archive:
-            sizes = {i.filename: i.file_size for i in archive.infolist()}
+            records = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise DatasetError(f"{path}: corrupt .npz file ({type(exc).__name__}: {exc})") from exc
-    if sizes.get(f"{key}.npy", 0) > 4 * max_chars + _MAX_NPY_HEADER:
+    packed = [i.filename for i in records if i.compress_type != zipfile.ZIP_STORED] if stored_only else []
+    if packed:
+        raise FIDError(f"{path}: compressed record {packed[0]!r}; `adcm features` writes feature files uncompressed")
+    if any(i.filename == f"{key}.npy" and i.file_size > 4 * max_chars + _MAX_NPY_HEADER for i in records):
         raise bad
     text = map_npz_array(path, key)
     if text.shape != () or text.dtype.kind != "U" or text.dtype.itemsize > 4 * max_chars:
@@ -114,18 +122,6 @@ def read_meta(path: Path, key: str = "meta", max_chars: int = _MAX_META_CHARS) -
     if not isinstance(meta, dict):
         raise FIDError(f"{path}: {key!r} is not a JSON object")
     return meta
-
-
-def _check_stored(path: Path) -> None:
-    """Refuse a feature file with a compressed record: :func:`write_features` never compresses, and a stored
-    record is memory-mapped after its declared size is checked, so nothing is inflated before it is checked."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise FIDError(f"{path}: corrupt .npz file ({type(exc).__name__}: {exc})") from exc
-    if packed:
-        raise FIDError(f"{path}: compressed record {packed[0]!r}; `adcm features` writes feature files uncompressed")
 
 
 def load_features(path: Path, extractor_id: str) -> FeatureSet:
@@ -142,9 +138,8 @@ def load_features(path: Path, extractor_id: str) -> FeatureSet:
     path = Path(path)
     if not path.is_file():
         raise FIDError(f"{path}: features not found; extract them with `adcm features`")
-    _check_stored(path)
     try:
-        meta = read_meta(path)
+        meta = read_meta(path, stored_only=True)
         made_with = meta.get("extractor")
         if made_with != extractor_id:
             made_mode, wanted_mode = meta.get("fid_mode"), identity_mode(extractor_id)

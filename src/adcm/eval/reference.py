@@ -227,9 +227,6 @@ def load_reference(
     return Reference(mu, sigma, int(meta["count"]), extractor_id, str(wanted["data_sha256"]), features, floor, meta)
 
 
-_MAX_META_CHARS = 4096
-
-
 def write_precomputed(path: Path, reference: Reference) -> None:
     """Write ``reference``'s features, its floor's features and its identity to ``path`` (compressed ``.npz``,
     atomically): what :func:`load_precomputed` turns back into the same reference. The mean and
@@ -272,7 +269,7 @@ def load_precomputed(
         raise FIDError(f"score.reference_file: {path} not found; set it to null to compute the reference")
     wanted = _identity(data_path, count, extractor_id)
     try:
-        meta = read_meta(path, max_chars=_MAX_META_CHARS)
+        meta = read_meta(path)
         mismatch = _check_identity(path, meta, {**wanted, "floor_count": floor_count}, extractor_id)
         if mismatch is not None:
             return mismatch
